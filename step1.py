@@ -1,0 +1,42 @@
+"""Step 1 - setup and skeleton: data, statistics, loaders, the train/test loop, and a
+deliberately heavy version of the skeleton that every later step keeps."""
+import torch.nn as nn
+
+from common import Recipe, conv_block, main
+
+TARGET = """
+Get the whole pipeline right before the model: read MNIST, measure its statistics (the
+normalisation comes from them), iterate shuffled batches, train and test every epoch, log it.
+Fix the skeleton that later steps keep: two 3x3 convs (RF 5, where strokes and edges show on
+28x28 digits), a transition (max-pool, then a 1x1 conv), three 3x3 convs (RF 18), an output block.
+Make it heavy on purpose (an 8x8 kernel over the last 8x8 map, ~1M weights) to see the ceiling of
+this skeleton and how far it overfits, with no BatchNorm, no augmentation and a constant LR.
+"""
+
+RECIPE = Recipe(lr=0.01, schedule="constant", batch_size=128)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            conv_block(1, 8, bn=False),        # 28 -> 26, RF 3
+            conv_block(8, 16, bn=False),       # 26 -> 24, RF 5
+            nn.MaxPool2d(2),                   # 24 -> 12, RF 6
+            conv_block(16, 16, kernel=1, bn=False),
+            conv_block(16, 32, bn=False),      # 12 -> 10, RF 10
+            conv_block(32, 32, bn=False),      # 10 -> 8, RF 14
+            conv_block(32, 32, padding=1, bn=False),  # 8 -> 8, RF 18: padded to keep the 8x8 map
+            # The heavy output: one 8x8 kernel sees the whole map; nearly all weights live here,
+            # yet it runs once per image, so it is cheap in time.
+            conv_block(32, 480, kernel=8, bn=False),  # 8 -> 1, RF 32
+            nn.Conv2d(480, 10, 1),
+            nn.Flatten(),                      # (N, 10, 1, 1) -> (N, 10)
+            nn.LogSoftmax(dim=1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+if __name__ == "__main__":
+    main(1, Net, RECIPE, TARGET)

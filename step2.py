@@ -1,0 +1,41 @@
+"""Step 2 - make it light: same skeleton, fewer channels, global average pooling at the output."""
+import torch.nn as nn
+
+from common import Recipe, conv_block, main
+
+TARGET = """
+Step 1's parameters are about 100 times the 10,000 budget, and nearly all of them sit in its 8x8
+output kernel. Keep the skeleton and the training recipe, and make the model light:
+- replace the big output kernel by global average pooling and a 1x1 conv to the 10 classes;
+- narrow every layer (8 and 16 channels before the pool, 10 after the 1x1 transition, 16 after);
+- keep the most channels (16) right before the max-pool so the transition has features to choose
+  from, and place the transition at RF 5, where digit strokes are already detected.
+Aim: under 10,000 parameters with no overfitting, accepting a lower accuracy for now; nothing
+is normalised yet, so this plain net may train slowly.
+"""
+
+RECIPE = Recipe(lr=0.01, schedule="constant", batch_size=128)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            conv_block(1, 8, bn=False),        # 28 -> 26, RF 3
+            conv_block(8, 16, bn=False),       # 26 -> 24, RF 5
+            nn.MaxPool2d(2),                   # 24 -> 12, RF 6
+            conv_block(16, 10, kernel=1, bn=False),
+            conv_block(10, 16, bn=False),      # 12 -> 10, RF 10
+            conv_block(16, 16, bn=False),      # 10 -> 8, RF 14
+            conv_block(16, 16, padding=1, bn=False),  # 8 -> 8, RF 18: padded to keep the 8x8 map
+            nn.AdaptiveAvgPool2d(1),           # (N, 16, 8, 8) -> (N, 16, 1, 1)
+            nn.Conv2d(16, 10, 1),
+            nn.Flatten(),                      # (N, 10, 1, 1) -> (N, 10)
+            nn.LogSoftmax(dim=1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+if __name__ == "__main__":
+    main(2, Net, RECIPE, TARGET)

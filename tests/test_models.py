@@ -1,0 +1,52 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import step1
+import step2
+import step3
+import step4
+
+STEPS = [step1, step2, step3, step4]
+
+
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: s.__name__)
+def test_net_returns_log_probabilities(step):
+    torch.manual_seed(0)
+    model = step.Net().eval()
+    out = model(torch.randn(5, 1, 28, 28))
+    assert out.shape == (5, 10)
+    assert torch.allclose(out.exp().sum(1), torch.ones(5), atol=1e-5)
+    assert (out <= 0).all()
+
+
+@pytest.mark.parametrize("step", STEPS[1:], ids=lambda s: s.__name__)
+def test_light_steps_stay_under_the_budget(step):
+    assert common.count_params(common.make_net(step.Net, step.RECIPE)) < common.PARAM_BUDGET
+
+
+def test_step4_reaches_the_stretch_size():
+    assert common.count_params(common.make_net(step4.Net, step4.RECIPE)) <= 8000
+
+
+def test_step1_is_heavy():
+    assert common.count_params(step1.Net()) > 500_000
+
+
+def test_batchnorm_after_every_conv_but_the_last():
+    for step in (step3, step4):
+        convs = [m for m in step.Net().modules() if isinstance(m, nn.Conv2d)]
+        bns = [m for m in step.Net().modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(bns) == len(convs) - 1
+        assert convs[-1].bias is not None  # the class-score conv keeps its bias, no BatchNorm
+
+
+def test_dropout_setting_renames_no_weights():
+    with_dropout = step3.Net(dropout=0.1).state_dict().keys()
+    assert with_dropout == step3.Net(dropout=0.0).state_dict().keys()
+
+
+def test_importing_a_step_trains_nothing():
+    # each RECIPE is plain data, readable without running anything
+    assert step4.RECIPE.max_rotation > 0 and step3.RECIPE.max_rotation == 0

@@ -1,0 +1,68 @@
+"""The committed logs agree with the committed code: same models, same weights, same numbers."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+LOGS = ROOT / "logs"
+STEPS = [n for n in range(1, 5) if (LOGS / f"step{n}.json").exists()]
+
+
+def load(n):
+    return json.loads((LOGS / f"step{n}.json").read_text()), __import__(f"step{n}")
+
+
+def test_all_four_records_are_committed():
+    assert STEPS == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_record_matches_the_model_and_its_log(n):
+    record, step = load(n)
+    model = common.make_net(step.Net, step.RECIPE)
+    assert record["params"] == common.count_params(model)
+    assert record["layers"] == common.layer_table(model)
+    assert record["recipe"] == common.dataclasses.asdict(
+        common.dataclasses.replace(step.RECIPE, epochs=len(record["history"])))
+    assert len(record["history"]) == 15
+    log = (LOGS / f"step{n}.log").read_text()
+    assert "\r" not in log and f"Parameters: {record['params']:,}" in log
+    assert record["summary"] == common.summarize(record["history"])
+    for line in record["block"]["analysis"]:
+        assert line in log
+
+
+@pytest.mark.parametrize("n", [n for n in STEPS if (LOGS / f"step{n}.pt").exists()])
+def test_committed_weights_load_and_match_their_hash(n):
+    record, step = load(n)
+    data = (LOGS / f"step{n}.pt").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == record["weights_sha256"]
+    common.make_net(step.Net, step.RECIPE).load_state_dict(
+        torch.load(LOGS / f"step{n}.pt", weights_only=True))
+
+
+def test_step4_record_holds_the_bar():
+    record, _ = load(4)
+    last = [h["test_acc"] for h in record["history"][-common.LAST_N:]]
+    assert record["params"] < common.PARAM_BUDGET and min(last) >= common.BAR
+
+
+def test_seed_record_covers_at_least_five_seeds_of_the_committed_recipe():
+    record = json.loads((LOGS / "step4_seeds.json").read_text())
+    import step4
+    assert record["recipe"] == common.dataclasses.asdict(step4.RECIPE)
+    assert len(record["runs"]) >= 5
+    assert record["summary"] == common.seed_summary(record["runs"])
+
+
+def test_readme_quotes_the_committed_numbers():
+    readme = (ROOT / "README.md").read_text()
+    for n in STEPS:
+        record, _ = load(n)
+        assert f"{record['summary']['final_test_acc']:.2f}" in readme
+        assert f"{record['params']:,}" in readme
