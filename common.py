@@ -60,6 +60,7 @@ class Recipe:
     weight_decay: float = 0.0
     schedule: str = "constant"     # "constant" or "onecycle"
     max_rotation: float = 0.0      # degrees; each training image gets its own angle
+    max_shift: float = 0.0         # pixels; each training image gets its own shift in x and y
     dropout: float | None = None   # passed to Net(dropout=...) when set
     precision: str = "bf16"        # autocast dtype on CPU; CUDA uses bf16/fp32 likewise
 
@@ -159,12 +160,17 @@ def to_device(images, labels, device):
     return images.to(device).unsqueeze(1).float().div_(255), labels.to(device)
 
 
-def rotate(images, degrees):
-    """Rotate each image (N, 1, H, W) by its own angle, all in one batched op; zeros fill in."""
+def rotate(images, degrees, shifts=None):
+    """Rotate each image (N, 1, H, W) by its own angle (and shift it by its own (dx, dy) pixels),
+    all in one batched op; zeros fill in."""
     rad = degrees.to(images.device, images.dtype) * (math.pi / 180)
-    cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1),
-                         torch.stack([sin, cos, zero], 1)], 1)          # (N, 2, 3)
+    cos, sin = rad.cos(), rad.sin()
+    if shifts is None:
+        dx = dy = torch.zeros_like(rad)
+    else:  # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size
+        dx, dy = (shifts.to(images.device, images.dtype) * 2 / images.shape[-1]).unbind(1)
+    theta = torch.stack([torch.stack([cos, -sin, dx], 1),
+                         torch.stack([sin, cos, dy], 1)], 1)            # (N, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, align_corners=False)
 
@@ -181,7 +187,7 @@ def autocast(device, precision):
 # ----------------------------------------------------------------------------- train / test
 
 def train_epoch(model, optimizer, scheduler, images, labels, batch_size, generator, norm,
-                max_rotation=0.0, precision="fp32", bar=None):
+                max_rotation=0.0, precision="fp32", bar=None, max_shift=0.0):
     """One pass over shuffled batches. Returns {"loss", "acc", "lr"}; raises Diverged."""
     model.train()
     mean, std = norm
@@ -193,8 +199,9 @@ def train_epoch(model, optimizer, scheduler, images, labels, batch_size, generat
     for batch, start in enumerate(range(0, n, batch_size), 1):
         idx = order[start:start + batch_size]
         x, y = images[idx], labels[idx]
-        if max_rotation:
-            x = rotate(x, random_angles(len(idx), max_rotation, generator))
+        if max_rotation or max_shift:
+            shifts = random_angles(2 * len(idx), max_shift, generator).view(-1, 2) if max_shift else None
+            x = rotate(x, random_angles(len(idx), max_rotation, generator), shifts)
         with autocast(images.device, precision):
             out = model((x - mean) / std)
             loss = F.nll_loss(out.float(), y)
@@ -712,7 +719,8 @@ def train(Net, recipe, data, device, seed, say, bars=False, label=""):
             bar = tqdm(total=steps, desc=f"{label}epoch {epoch}/{recipe.epochs}", leave=False)
         try:
             stats = train_epoch(model, optimizer, scheduler, train_x, train_y, recipe.batch_size,
-                                generator, data["norm"], recipe.max_rotation, recipe.precision, bar)
+                                generator, data["norm"], recipe.max_rotation, recipe.precision, bar,
+                                recipe.max_shift)
         except Diverged as e:
             e.epoch = epoch
             raise
@@ -737,7 +745,17 @@ def header_lines(step, mode, args, recipe, device):
             f"seed {args.seed}, device {device}, {torch.get_num_threads()} CPU threads, torch "
             f"{torch.__version__}, torchvision {_torchvision_version()}, python {platform.python_version()}",
             f"recipe: {recipe.describe()}, {recipe.epochs} epochs",
-            f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".rstrip()]
+            f"machine: {_cpu_name()}, {os.cpu_count()} cores"]
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _torchvision_version():

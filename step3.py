@@ -27,8 +27,9 @@ class Net(nn.Module):
             conv_block(10, 16, dropout=dropout),   # 12 -> 10, RF 10
             conv_block(16, 16, dropout=dropout),   # 10 -> 8, RF 14
             conv_block(16, 16, padding=1, dropout=dropout),  # 8 -> 8, RF 18, padded
-            nn.AdaptiveAvgPool2d(1),               # (N, 16, 8, 8) -> (N, 16, 1, 1)
-            nn.Conv2d(16, 10, 1),                  # the last conv: no BatchNorm before the scores
+            conv_block(16, 32, kernel=1),          # widen before pooling
+            nn.AdaptiveAvgPool2d(1),               # (N, 32, 8, 8) -> (N, 32, 1, 1)
+            nn.Conv2d(32, 10, 1),                  # the last conv: no BatchNorm before the scores
             nn.Flatten(),                          # (N, 10, 1, 1) -> (N, 10)
             nn.LogSoftmax(dim=1))
 

@@ -1,23 +1,30 @@
-"""Step 4 - same model as step 3; random rotations and a one-cycle LR schedule."""
+"""Step 4 - same model as step 3; random rotations and shifts, and a one-cycle LR schedule."""
 from common import Recipe, main
 from step3 import Net  # the model is step 3's, unchanged; only how it is trained changes
 
 TARGET = """
-Step 3's model is the size we keep: the budget leaves no room to grow it, so the remaining gain
-must come from how it is trained:
+Step 3's model is the size we keep: the budget leaves little room to grow it, so the remaining
+gain must come from how it is trained:
 - rotate each training image by its own random angle in +-7 degrees: some digits are written
-  slanted, and the test set has them too; rotated inputs also make the train set harder than the
-  test set, so the model cannot simply memorise it;
-- train with a one-cycle LR schedule (warm up to a peak of 0.1, then anneal towards zero): a high
-  LR early explores, the annealed tail settles the weights, so the last epochs stop moving;
-- drop the dropout: rotation now does the regularising, and dropout would slow training.
-Aim: >= 99.40 in each of the last 3 of 15 epochs, for every seed we try, under 8,000 parameters.
+  slanted, and the test set has them too;
+- shift each training image by its own random offset of up to 2 pixels in x and y: digits are
+  not all centred the same way. Both make the train set harder than the test set, so the model
+  cannot simply memorise it; both run batched on the device, costing almost no time;
+- train with a one-cycle LR schedule (warm up to a peak of 0.1, then anneal towards zero): the
+  high LR early explores, the annealed tail settles the weights, so the last epochs stop moving;
+- drop the dropout: augmentation now does the regularising, and dropout slows training.
+Aim: >= 99.40 in each of the last 3 of 15 epochs, for every seed we try.
+Why not under 8,000 parameters: while choosing this recipe, a 7,766-parameter version (without
+the widening 1x1 conv) dipped below 99.40 within its last 3 epochs on several seeds (scratch
+runs, listed in the README), so we keep 8,502 parameters and the margin.
 """
 
-RECIPE = Recipe(lr=0.1, schedule="onecycle", batch_size=128, max_rotation=7.0, dropout=0.0)
+RECIPE = Recipe(lr=0.1, schedule="onecycle", batch_size=128, max_rotation=7.0, max_shift=2.0,
+                dropout=0.0)
 
 # This step's changes against step 3, each a set of recipe fields that --ablate reverts together.
-CHANGES = {"rotation": ("max_rotation",), "LR schedule": ("schedule", "lr"), "no dropout": ("dropout",)}
+CHANGES = {"rotation": ("max_rotation",), "shift": ("max_shift",), "LR schedule": ("schedule", "lr"),
+           "no dropout": ("dropout",)}
 
 if __name__ == "__main__":
     main(4, Net, RECIPE, TARGET, changes=CHANGES)

@@ -123,3 +123,11 @@ def test_ablation_variants_revert_one_change_each():
         for field in common.dataclasses.fields(recipe):
             expected = step3.RECIPE if field.name in fields else step4.RECIPE
             assert getattr(recipe, field.name) == getattr(expected, field.name), (name, field.name)
+
+
+def test_shift_moves_the_image_by_whole_pixels():
+    img = torch.zeros(1, 1, 28, 28)
+    img[:, :, 10:14, 8:12] = 1.0
+    moved = common.rotate(img, torch.zeros(1), torch.tensor([[2.0, -3.0]]))
+    # a positive dx samples from the right, so the content moves left (and dy < 0: down)
+    assert torch.allclose(moved, torch.roll(img, shifts=(3, -2), dims=(2, 3)), atol=1e-5)

@@ -26,10 +26,6 @@ def test_light_steps_stay_under_the_budget(step):
     assert common.count_params(common.make_net(step.Net, step.RECIPE)) < common.PARAM_BUDGET
 
 
-def test_step4_reaches_the_stretch_size():
-    assert common.count_params(common.make_net(step4.Net, step4.RECIPE)) <= 8000
-
-
 def test_step1_is_heavy():
     assert common.count_params(step1.Net()) > 500_000
 
