@@ -976,10 +976,12 @@ def main(step, Net, recipe, target, changes=None, argv=None):
         log_dir = check_log_dir(args.log_dir)
         for line in header_lines(step, mode, args, recipe, device):
             say(line)
-        run = {"single": lambda: run_single(step, Net, recipe, target, args, device, log_dir, say, lines, started),
-               "seeds": lambda: run_seeds(step, Net, recipe, args, device, log_dir, say, lines, started),
-               "ablation": lambda: run_ablation(step, Net, recipe, changes, args, device, log_dir, say, lines, started)}
-        run[mode]()
+        if mode == "seeds":
+            run_seeds(step, Net, recipe, args, device, log_dir, say, lines, started)
+        elif mode == "ablation":
+            run_ablation(step, Net, recipe, changes, args, device, log_dir, say, lines, started)
+        else:
+            run_single(step, Net, recipe, target, args, device, log_dir, say, lines, started)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -23,8 +23,8 @@ class Net(nn.Module):
             conv_block(1, 8),                      # 28 -> 26, RF 3
             conv_block(8, 16),                     # 26 -> 24, RF 5
             nn.MaxPool2d(2),                       # 24 -> 12, RF 6
-            conv_block(16, 10, kernel=1),
-            conv_block(10, 16, dropout=dropout),   # 12 -> 10, RF 10
+            conv_block(16, 12, kernel=1),
+            conv_block(12, 16, dropout=dropout),   # 12 -> 10, RF 10
             conv_block(16, 16, dropout=dropout),   # 10 -> 8, RF 14
             conv_block(16, 16, padding=1, dropout=dropout),  # 8 -> 8, RF 18, padded
             conv_block(16, 32, kernel=1),          # widen before pooling
