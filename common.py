@@ -686,20 +686,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def prepare_data(args, device, say):
+def prepare_data(args, device):
+    """The dataset on the device, its measured statistics, and the log lines that describe it."""
     data_dir = args.data_dir or "data"
     t0 = time.perf_counter()
     raw = load_mnist(data_dir, download=args.data_dir is None)
     stats = data_stats(raw["train_images"], raw["train_labels"])
     train_x, train_y = to_device(raw["train_images"], raw["train_labels"], device)
     test_x, test_y = to_device(raw["test_images"], raw["test_labels"], device)
-    say(f"data: {Path(data_dir).resolve()} ({time.perf_counter() - t0:.1f} s to load)")
-    say(f"  train {stats['shape']} {stats['dtype']}, test {list(raw['test_images'].shape)}; "
-        f"pixel mean {stats['mean']:.4f} std {stats['std']:.4f} (used to normalise), "
-        f"min {stats['min']:.1f} max {stats['max']:.1f}")
-    say(f"  train class counts 0-9: {stats['class_counts']}")
+    lines = [f"data: {Path(data_dir).resolve()} ({time.perf_counter() - t0:.1f} s to load)",
+             f"  train {stats['shape']} {stats['dtype']}, test {list(raw['test_images'].shape)}; "
+             f"pixel mean {stats['mean']:.4f} std {stats['std']:.4f} (used to normalise), "
+             f"min {stats['min']:.1f} max {stats['max']:.1f}",
+             f"  train class counts 0-9: {stats['class_counts']}"]
     return {"train": (train_x, train_y), "test": (test_x, test_y), "norm": (stats["mean"], stats["std"]),
-            "stats": stats}
+            "stats": stats, "lines": lines}
 
 
 def train(Net, recipe, data, device, seed, say, bars=False, label=""):
@@ -793,8 +794,7 @@ def matching_record(path, recipe, params):
     return None
 
 
-def run_single(step, Net, recipe, target, args, device, log_dir, say, lines, started):
-    data = prepare_data(args, device, say)
+def run_single(step, Net, recipe, target, args, data, device, log_dir, say, lines, started):
     data["rotated"] = rotated_copy(data["test"][0])
     model = make_net(Net, recipe).to(device)
     params = count_params(model)
@@ -864,8 +864,7 @@ def ablation_variants(recipe, previous, changes):
     return variants
 
 
-def run_seeds(step, Net, recipe, args, device, log_dir, say, lines, started):
-    data = prepare_data(args, device, say)
+def run_seeds(step, Net, recipe, args, data, device, log_dir, say, lines, started):
     params = count_params(make_net(Net, recipe))
     runs = []
     for seed in args.seeds:
@@ -889,12 +888,9 @@ def run_seeds(step, Net, recipe, args, device, log_dir, say, lines, started):
     write_atomic(log_dir / f"step{step}_seeds.log", "\n".join(lines) + "\n")
 
 
-def run_ablation(step, Net, recipe, changes, args, device, log_dir, say, lines, started):
-    if not changes or step == 1:
-        raise UserError(f"step {step} declares no changes against a previous step; nothing to ablate")
+def run_ablation(step, Net, recipe, changes, args, data, device, log_dir, say, lines, started):
     previous = importlib.import_module(f"step{step - 1}").RECIPE
     variants = ablation_variants(recipe, previous, changes)
-    data = prepare_data(args, device, say)
     data["rotated"] = rotated_copy(data["test"][0])
     results = []
     for name, reverted, variant in variants:
@@ -932,7 +928,9 @@ def run_eval(step, Net, recipe, args, device, say):
     except Exception:
         raise UserError(f"{path} does not hold weights for step {step}'s Net (names or shapes "
                         f"differ); pass the stepN.pt written by step{step}.py") from None
-    data = prepare_data(args, device, say)
+    data = prepare_data(args, device)
+    for line in data["lines"]:
+        say(line)
     test_x, test_y = data["test"]
     loss, acc = evaluate(model, test_x, test_y, data["norm"])
     predicted = predict(model, test_x, data["norm"]).argmax(1)
@@ -973,15 +971,18 @@ def main(step, Net, recipe, target, changes=None, argv=None):
         device = pick_device(args.device)
         if mode == "eval":
             return run_eval(step, Net, recipe, args, device, say)
+        if mode == "ablation" and (not changes or step == 1):
+            raise UserError(f"step {step} declares no changes against a previous step; nothing to ablate")
         log_dir = check_log_dir(args.log_dir)
-        for line in header_lines(step, mode, args, recipe, device):
+        data = prepare_data(args, device)  # before any output: a data error is then the only line
+        for line in header_lines(step, mode, args, recipe, device) + data["lines"]:
             say(line)
         if mode == "seeds":
-            run_seeds(step, Net, recipe, args, device, log_dir, say, lines, started)
+            run_seeds(step, Net, recipe, args, data, device, log_dir, say, lines, started)
         elif mode == "ablation":
-            run_ablation(step, Net, recipe, changes, args, device, log_dir, say, lines, started)
+            run_ablation(step, Net, recipe, changes, args, data, device, log_dir, say, lines, started)
         else:
-            run_single(step, Net, recipe, target, args, device, log_dir, say, lines, started)
+            run_single(step, Net, recipe, target, args, data, device, log_dir, say, lines, started)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)

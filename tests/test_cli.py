@@ -106,7 +106,7 @@ def test_missing_data_fails_fast_with_advice(tmp_path):
     result = run_step(4, "--data-dir", tmp_path / "no-such-folder", "--log-dir", tmp_path / "logs")
     assert result.returncode == 1 and time.perf_counter() - start < 30
     assert "no-such-folder" in result.stderr and "--data-dir" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
 def test_truncated_file_is_named(mnist_dir, tmp_path):
@@ -114,7 +114,7 @@ def test_truncated_file_is_named(mnist_dir, tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     result = run_step(4, *FAST, "--data-dir", mnist_dir, "--log-dir", tmp_path / "logs")
     assert result.returncode == 1 and "t10k-images-idx3-ubyte" in result.stderr
-    assert "delete it" in result.stderr and "Traceback" not in result.stderr
+    assert "delete it" in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_log_dir_that_is_a_file_is_left_alone(mnist_dir, tmp_path):
