@@ -484,8 +484,12 @@ def next_sentence(s, params, facts):
         return (f"Next: cut the parameters from {params:,} to under {PARAM_BUDGET:,} (fewer "
                 f"channels, global average pooling instead of the big output kernel).")
     if s["held_bar"]:
-        return ("Next: the bar is met; check it holds across seeds (--seeds) and which change "
-                "earned it (--ablate).")
+        todo = [what for what, done in (("that it holds across seeds (--seeds)", facts.get("seeds")),
+                                        ("which change earned it (--ablate)", facts.get("ablation")))
+                if not done]
+        return ("Next: the bar is met; check " + " and ".join(todo) + "." if todo else
+                "Next: the bar is met and holds across the seeds above; what is left is trimming "
+                "parameters towards the 8,000 stretch, which our scratch runs did not hold.")
     if not facts["batchnorm"]:
         return ("Next: normalise activations with BatchNorm so the small net trains faster and "
                 "further, and regularise if it then overfits.")
@@ -505,7 +509,7 @@ def analyze(step, history, params, facts, prev=None, rotated=None, prev_rotated=
     return ([budget, fit_sentence(s, regularised), bar_sentence(s, history), stability_sentence(s)]
             + previous_sentences(s, params, prev) + rotated_sentence(step, rotated, prev_rotated)
             + seeds_sentence(seeds) + ablation_sentences(ablation, seeds)
-            + [next_sentence(s, params, facts)])
+            + [next_sentence(s, params, dict(facts, seeds=seeds is not None, ablation=ablation is not None))])
 
 
 def previous_line(step, prev, log_dir):

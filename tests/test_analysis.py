@@ -113,3 +113,11 @@ def test_ablation_without_seed_record_calls_nothing_a_gain():
 
 def test_missing_previous_record_is_said_in_the_target(tmp_path):
     assert "was not found" in common.previous_line(3, None, tmp_path)
+
+
+def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
+    plain = analysis([99.5] * 3, [99.0] * 3)[-1]
+    assert "--seeds" in plain and "--ablate" in plain
+    seeds = seeds_record([99.45, 99.50])
+    measured = analysis([99.5] * 3, [99.0] * 3, seeds=seeds, ablation=ablation_record(99.5, 99.4))[-1]
+    assert "--seeds" not in measured and "--ablate" not in measured
