@@ -967,6 +967,7 @@ def main(step, Net, recipe, target, changes=None, argv=None):
     name = {"single": f"step{step}", "seeds": f"step{step}_seeds", "ablation": f"step{step}_ablation"}.get(mode)
     prog = f"step{step}.py"
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (a background job)
     log_dir = None
     try:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
