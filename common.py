@@ -8,7 +8,6 @@ import dataclasses
 import datetime
 import hashlib
 import importlib
-import inspect
 import json
 import math
 import os
@@ -67,7 +66,9 @@ class Recipe:
     def describe(self):
         sched = "one-cycle (peak lr {:g})".format(self.lr) if self.schedule == "onecycle" \
             else "constant lr {:g}".format(self.lr)
-        rot = f"random rotation +-{self.max_rotation:g} deg" if self.max_rotation else "no augmentation"
+        aug = [f"random rotation +-{self.max_rotation:g} deg"] * bool(self.max_rotation) \
+            + [f"random shift +-{self.max_shift:g} px"] * bool(self.max_shift)
+        rot = ", ".join(aug) or "no augmentation"
         drop = "" if self.dropout is None else f", dropout {self.dropout:g}"
         return (f"SGD momentum {self.momentum:g}, weight decay {self.weight_decay:g}, {sched}, "
                 f"batch {self.batch_size}, {rot}{drop}, {self.precision} autocast")
@@ -801,9 +802,9 @@ def matching_record(path, recipe, params):
 def run_single(step, Net, recipe, target, args, data, device, log_dir, say, lines, started):
     data["rotated"] = rotated_copy(data["test"][0])
     model = make_net(Net, recipe).to(device)
-    params = count_params(model)
+    params, layers = count_params(model), layer_table(model)
     say("")
-    for line in format_layer_table(layer_table(model)):
+    for line in format_layer_table(layers):
         say(line)
     say("")
     model, history = train(Net, recipe, data, device, args.seed, say, bars=args.bars)
@@ -830,7 +831,7 @@ def run_single(step, Net, recipe, target, args, data, device, log_dir, say, line
         say(line, always=True)
     record = {"step": step, "mode": "single", "seed": args.seed, "device": str(device),
               "command": sys.argv, "torch": torch.__version__, "recipe": dataclasses.asdict(recipe),
-              "params": params, "data": data["stats"], "layers": layer_table(model),
+              "params": params, "data": data["stats"], "layers": layers,
               "history": history, "summary": summary, "wall_seconds": wall,
               "rotated_test_acc": rotated, "previous_rotated_test_acc": prev_rotated,
               "confusion_matrix": matrix.tolist(), "weights_sha256": sha, "block": block}

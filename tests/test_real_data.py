@@ -1,7 +1,6 @@
 """Runs only where real MNIST is at hand (MNIST_DIR): the committed weights reproduce their records."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch

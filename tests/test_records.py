@@ -1,7 +1,6 @@
 """The committed logs agree with the committed code: same models, same weights, same numbers."""
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
