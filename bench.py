@@ -1,9 +1,14 @@
-"""Seconds per epoch of step 4's Net and recipe through the plain torchvision pipeline
-(per-image RandomAffine: the same rotation and shift, ToTensor, Normalize, DataLoader, fp32) against ours (the dataset as
-one tensor, batched rotation, bf16 autocast on CPU), interleaved in one run so both see the same
-machine. Each epoch is a training pass plus a test pass.
+"""Seconds per epoch of step 4's Net and recipe through the plain torchvision pipeline against
+ours, interleaved epoch by epoch in one run so that all see the same machine. Each epoch is a
+training pass plus a test pass. The rows add one thing at a time:
 
-    python bench.py --data-dir ../shared/data --epochs 2
+  plain: per-image RandomAffine (the same rotation and shift), ToTensor, Normalize, DataLoader,
+         fp32, torch's own nn.MaxPool2d
+  ours:  the dataset as one tensor on the device, batched affine_grid + grid_sample, fp32
+  + bf16 autocast for training (CPU: oneDNN bf16 kernels; the test pass stays fp32)
+  + common.MaxPool2d (channels-last max-pool on CPU, same numbers): what the steps run
+
+    python bench.py --data-dir ../shared/data --epochs 3
 """
 import argparse
 import dataclasses
@@ -11,12 +16,23 @@ import statistics
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import common
 import step4
+
+
+def with_stock_pool(model):
+    """The same model with torch's nn.MaxPool2d in place of common.MaxPool2d."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, common.MaxPool2d):
+                setattr(module, name, nn.MaxPool2d(child.kernel_size, child.stride, child.padding,
+                                                   child.dilation, ceil_mode=child.ceil_mode))
+    return model
 
 
 def plain_epoch(model, optimizer, scheduler, train_loader, test_loader, device):
@@ -38,7 +54,7 @@ def plain_epoch(model, optimizer, scheduler, train_loader, test_loader, device):
 
 def ours_epoch(model, optimizer, scheduler, data, recipe, generator):
     common.train_epoch(model, optimizer, scheduler, *data["train"], recipe.batch_size, generator,
-                       data["norm"], recipe.max_rotation, recipe.precision)
+                       data["norm"], recipe.max_rotation, recipe.precision, max_shift=recipe.max_shift)
     return common.evaluate(model, *data["test"], data["norm"])[1]
 
 
@@ -47,8 +63,13 @@ def main():
     parser.add_argument("--data-dir", default=common.os.environ.get("MNIST_DIR", "data"), help="folder holding MNIST/raw")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per pipeline")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain pipeline")
+    parser.add_argument("--device", default="cpu", help="cpu (the claim in the README), cuda or cuda:N")
     args = parser.parse_args()
-    device = torch.device("cpu")
+    if args.epochs < 1 or args.workers < 0:
+        parser.error("--epochs must be at least 1 and --workers at least 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = torch.device(args.device)
     torch.set_flush_denormal(True)  # as the steps do, for every pipeline
     recipe = step4.RECIPE
     try:
@@ -67,36 +88,42 @@ def main():
     train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=args.workers)
     test_loader = DataLoader(test_set, batch_size=1000, num_workers=args.workers)
 
-    pipelines = {
-        "plain (DataLoader, per-image affine, fp32)": "plain",
-        "ours, fp32 (tensors, batched affine)": "fp32",
-        "ours, bf16 autocast (what the steps run)": "bf16",
+    pipelines = {  # name -> (pipeline, precision, torch's own max-pool?)
+        "plain: DataLoader, per-image affine, fp32": ("plain", "fp32", True),
+        "ours: tensors, batched affine, fp32": ("ours", "fp32", True),
+        "ours + bf16 autocast": ("ours", "bf16", True),
+        "ours + bf16 + common.MaxPool2d (the steps)": ("ours", "bf16", False),
     }
     runs = {}
-    for name, kind in pipelines.items():
+    for name, (kind, precision, stock_pool) in pipelines.items():
         torch.manual_seed(1)
-        r = dataclasses.replace(recipe, precision="fp32" if kind == "plain" else kind)
-        model = common.make_net(step4.Net, r)
+        r = dataclasses.replace(recipe, precision=precision)
+        model = common.make_net(step4.Net, r).to(device)
+        if stock_pool:
+            model = with_stock_pool(model)
         optimizer, scheduler = common.make_optimizer(model, dataclasses.replace(r, epochs=args.epochs),
                                                      len(train_loader))
         runs[name] = (kind, r, model, optimizer, scheduler, torch.Generator().manual_seed(1), [], [])
     print(f"step 4 Net ({common.count_params(step4.Net()):,} parameters), batch {recipe.batch_size}, "
-          f"{torch.get_num_threads()} threads, {args.epochs} epochs each, interleaved")
+          f"device {device}, {torch.get_num_threads()} CPU threads ({common._cpu_name()}), torch "
+          f"{torch.__version__}, {args.epochs} epochs each, interleaved")
     for epoch in range(1, args.epochs + 1):
         for name, (kind, r, model, optimizer, scheduler, g, times, accs) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             if kind == "plain":
                 acc = plain_epoch(model, optimizer, scheduler, train_loader, test_loader, device)
             else:
                 acc = ours_epoch(model, optimizer, scheduler, data, r, g)
-            times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)  # both end in a host sync (.item())
             accs.append(acc)
             print(f"epoch {epoch} {name:<46} {times[-1]:6.1f} s  test {acc:.2f}", flush=True)
     base = statistics.mean(next(iter(runs.values()))[6])
     print(f"\n{'pipeline':<46} {'s/epoch':>8} {'speed-up':>9}")
     for name, run in runs.items():
         mean = statistics.mean(run[6])
-        print(f"{name:<46} {mean:8.1f} {base / mean:8.2f}x")
+        print(f"{name:<46} {mean:8.2f} {base / mean:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,38 @@ def conv_block(c_in, c_out, kernel=3, padding=0, bn=True, dropout=0.0):
     return nn.Sequential(*layers)
 
 
+class _MaxPoolChannelsLast(torch.autograd.Function):
+    """max_pool2d run on a channels-last copy, backward by the ordinary kernel with the same
+    indices. Why: PyTorch's CPU max-pool is ~5x slower on NCHW than on channels-last maps
+    (2.3 vs 0.4 ms for 128x16x24x24 here), and converting the whole model to channels-last
+    measured slower overall. Values and gradients are bit-identical to F.max_pool2d."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), kernel, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(x, indices)
+        ctx.pool_args = (kernel, stride, padding, dilation, ceil_mode)
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, indices = ctx.saved_tensors
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, *ctx.pool_args, indices.contiguous())
+        return grad_x, None, None, None, None, None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d with a faster CPU path (see _MaxPoolChannelsLast); the same numbers."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.dim() != 4 or self.return_indices:
+            return super().forward(x)
+        pairs = [list(_pair(v)) for v in (self.kernel_size, self.stride, self.padding, self.dilation)]
+        return _MaxPoolChannelsLast.apply(x, *pairs, self.ceil_mode)
+
+
 # ----------------------------------------------------------------------------- data
 
 def _check_raw_file(path, magic, dims):

@@ -2,7 +2,7 @@
 deliberately heavy version of the skeleton that every later step keeps."""
 import torch.nn as nn
 
-from common import Recipe, conv_block, main
+from common import MaxPool2d, Recipe, conv_block, main
 
 TARGET = """
 Get the whole pipeline right before the model: read MNIST, measure its statistics (the
@@ -22,7 +22,7 @@ class Net(nn.Module):
         self.layers = nn.Sequential(
             conv_block(1, 8, bn=False),        # 28 -> 26, RF 3
             conv_block(8, 16, bn=False),       # 26 -> 24, RF 5
-            nn.MaxPool2d(2),                   # 24 -> 12, RF 6
+            MaxPool2d(2),                      # 24 -> 12, RF 6 (common.MaxPool2d: same numbers, faster on CPU)
             conv_block(16, 16, kernel=1, bn=False),
             conv_block(16, 32, bn=False),      # 12 -> 10, RF 10
             conv_block(32, 32, bn=False),      # 10 -> 8, RF 14

@@ -1,7 +1,7 @@
 """Step 3 - BatchNorm after every conv but the last, and a little dropout after the pool."""
 import torch.nn as nn
 
-from common import Recipe, conv_block, main
+from common import MaxPool2d, Recipe, conv_block, main
 
 TARGET = """
 Step 2 is within budget, but its plain convs train slowly: each layer's input scale drifts as the
@@ -22,7 +22,7 @@ class Net(nn.Module):
         self.layers = nn.Sequential(
             conv_block(1, 8),                      # 28 -> 26, RF 3
             conv_block(8, 16),                     # 26 -> 24, RF 5
-            nn.MaxPool2d(2),                       # 24 -> 12, RF 6
+            MaxPool2d(2),                          # 24 -> 12, RF 6
             conv_block(16, 12, kernel=1),
             conv_block(12, 16, dropout=dropout),   # 12 -> 10, RF 10
             conv_block(16, 16, dropout=dropout),   # 10 -> 8, RF 14

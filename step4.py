@@ -25,7 +25,7 @@ RECIPE = Recipe(lr=0.1, schedule="onecycle", batch_size=128, max_rotation=7.0, m
 
 # This step's changes against step 3, each a set of recipe fields that --ablate reverts together.
 CHANGES = {"rotation": ("max_rotation",), "shift": ("max_shift",), "LR schedule": ("schedule", "lr"),
-           "no dropout": ("dropout",)}
+           "dropping dropout": ("dropout",)}
 
 if __name__ == "__main__":
     main(4, Net, RECIPE, TARGET, changes=CHANGES)

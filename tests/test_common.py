@@ -17,6 +17,28 @@ def test_receptive_field_of_a_known_model():
     assert sum(r["params"] for r in table) == common.count_params(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode, size",
+                         [(2, None, 0, False, 24), (3, 2, 1, False, 13), (2, None, 0, True, 7)])
+def test_max_pool_gives_the_same_values_and_gradients_as_torch(dtype, kernel, stride, padding, ceil_mode, size):
+    torch.manual_seed(0)
+    # ReLU output, as in the nets: many tied zeros, and the tie-breaking must match too
+    x = torch.randn(4, 5, size, size).relu().to(dtype)
+    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = common.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)(ours_in)
+    ref = nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)(ref_in)
+    grad = torch.randn_like(ref)
+    ours.backward(grad)
+    ref.backward(grad)
+    assert ours.is_contiguous() and torch.equal(ours, ref)
+    assert ours_in.grad.is_contiguous() and torch.equal(ours_in.grad, ref_in.grad)
+
+
+def test_max_pool_counts_as_a_pool_in_the_layer_table():
+    table = common.layer_table(nn.Sequential(nn.Conv2d(1, 4, 3), common.MaxPool2d(2)))
+    assert [r["rf"] for r in table] == [3, 4] and table[1]["output"] == [4, 13, 13]
+
+
 def test_rotate_by_zero_is_identity_and_by_90_turns_the_image():
     img = torch.zeros(2, 1, 28, 28)
     img[:, :, 2:6, 10:18] = 1.0
