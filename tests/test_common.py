@@ -50,9 +50,9 @@ def test_rotate_by_zero_is_identity_and_by_90_turns_the_image():
     assert not torch.allclose(turned[0], turned[1], atol=1e-3)
 
 
-def test_random_angles_stay_in_range_and_repeat_with_the_seed():
-    a = common.random_angles(1000, 7.0, torch.Generator().manual_seed(3))
-    b = common.random_angles(1000, 7.0, torch.Generator().manual_seed(3))
+def test_uniform_symmetric_stay_in_range_and_repeat_with_the_seed():
+    a = common.uniform_symmetric(1000, 7.0, torch.Generator().manual_seed(3))
+    b = common.uniform_symmetric(1000, 7.0, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.abs().max() <= 7.0 and a.std() > 3
 
 
@@ -153,3 +153,29 @@ def test_shift_moves_the_image_by_whole_pixels():
     moved = common.rotate(img, torch.zeros(1), torch.tensor([[2.0, -3.0]]))
     # a positive dx samples from the right, so the content moves left (and dy < 0: down)
     assert torch.allclose(moved, torch.roll(img, shifts=(3, -2), dims=(2, 3)), atol=1e-5)
+
+
+def test_augmentation_is_drawn_batch_by_batch_in_a_fixed_order():
+    angles, shifts = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    expected_angles, expected_shifts = [], []
+    for size in (4, 4, 2):  # per batch: shifts first, then angles
+        expected_shifts.append(common.uniform_symmetric(2 * size, 2.0, g).view(size, 2))
+        expected_angles.append(common.uniform_symmetric(size, 7.0, g))
+    assert torch.equal(angles, torch.cat(expected_angles)) and torch.equal(shifts, torch.cat(expected_shifts))
+    angles, shifts = common.draw_augmentation(10, 4, 7.0, 0.0, torch.Generator().manual_seed(5))
+    assert shifts is None and torch.equal(angles, common.uniform_symmetric(10, 7.0, torch.Generator().manual_seed(5)))
+
+
+def test_auto_precision_is_bf16_on_cpu_and_fp32_on_cuda():
+    assert common.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert common.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert common.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_divergence_names_the_first_bad_batch():
+    losses = torch.tensor([0.5, 0.4, float("nan"), float("inf")])
+    with pytest.raises(common.Diverged) as e:
+        common._check_finite(losses)
+    assert e.value.batch == 3 and math.isnan(e.value.loss)
+    common._check_finite(losses[:2])  # finite: no error
