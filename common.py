@@ -1059,6 +1059,7 @@ def main(step, Net, recipe, target, changes=None, argv=None):
             run_ablation(step, Net, recipe, changes, args, data, device, log_dir, say, lines, started)
         else:
             run_single(step, Net, recipe, target, args, data, device, log_dir, say, lines, started)
+        (log_dir / f"{name}.partial.log").unlink(missing_ok=True)  # an earlier unfinished run's, now replaced
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)

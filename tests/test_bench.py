@@ -29,8 +29,9 @@ def test_stock_pool_swap_keeps_the_model_and_its_numbers():
 def test_bench_prints_every_pipeline_with_its_speed_up(mnist_dir):
     proc = run_bench("--data-dir", mnist_dir, "--epochs", 1)
     assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"^(plain|ours).*?\s(\d+\.\d+)\s+(\d+\.\d+)x$", proc.stdout, re.M)
+    rows = re.findall(r"^(plain|ours).*?\s(\d+\.\d+)\s+(\d+\.\d+)x(.*)$", proc.stdout, re.M)
     assert len(rows) == 4 and rows[0][2] == "1.00"
+    assert [bool(r[3]) for r in rows] == [False, False, False, True]  # on CPU: bf16 and our max-pool
 
 
 def test_bench_rejects_bad_input(tmp_path):

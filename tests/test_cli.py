@@ -145,6 +145,15 @@ def test_divergence_stops_and_keeps_the_last_good_files(finished_run, mnist_dir)
     assert set(after) - set(before) == {"step2.partial.log"}
 
 
+def test_a_finished_run_removes_the_partial_log_of_an_earlier_one(mnist_dir, tmp_path):
+    logs = tmp_path / "logs"
+    failed = run_step(2, "--epochs", "3", "--lr", "1e6", "--quiet", "--data-dir", mnist_dir, "--log-dir", logs)
+    assert failed.returncode == 1 and (logs / "step2.partial.log").exists()
+    result = run_step(2, *FAST, "--data-dir", mnist_dir, "--log-dir", logs)
+    assert result.returncode == 0, result.stderr
+    assert (logs / "step2.log").exists() and not (logs / "step2.partial.log").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_keeps_the_previous_files(finished_run, mnist_dir, sig):
     before = snapshot(finished_run)

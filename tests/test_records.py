@@ -10,10 +10,16 @@ from conftest import ROOT
 
 LOGS = ROOT / "logs"
 STEPS = [n for n in range(1, 5) if (LOGS / f"step{n}.json").exists()]
+# (folder, step) for every committed single-run record: the CPU runs and the H100 runs
+RUNS = [(d.name, n) for d in (LOGS, LOGS / "h100") for n in range(1, 5) if (d / f"step{n}.json").exists()]
 
 
-def load(n):
-    return json.loads((LOGS / f"step{n}.json").read_text()), __import__(f"step{n}")
+def load(n, folder=LOGS):
+    return json.loads((folder / f"step{n}.json").read_text()), __import__(f"step{n}")
+
+
+def folder_of(name):
+    return LOGS if name == LOGS.name else LOGS / name
 
 
 def committed_recipe(recipe, record, **changes):
@@ -26,28 +32,30 @@ def test_all_four_records_are_committed():
     assert STEPS == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("n", STEPS)
-def test_record_matches_the_model_and_its_log(n):
-    record, step = load(n)
+@pytest.mark.parametrize("folder, n", RUNS)
+def test_record_matches_the_model_and_its_log(folder, n):
+    folder = folder_of(folder)
+    record, step = load(n, folder)
     model = common.make_net(step.Net, step.RECIPE)
     assert record["params"] == common.count_params(model)
     assert record["layers"] == common.layer_table(model)
     assert record["recipe"] == committed_recipe(step.RECIPE, record, epochs=len(record["history"]))
     assert len(record["history"]) == 15
-    log = (LOGS / f"step{n}.log").read_text()
+    log = (folder / f"step{n}.log").read_text()
     assert "\r" not in log and f"Parameters: {record['params']:,}" in log
     assert record["summary"] == common.summarize(record["history"])
     for line in record["block"]["analysis"]:
         assert line in log
 
 
-@pytest.mark.parametrize("n", [n for n in STEPS if (LOGS / f"step{n}.pt").exists()])
-def test_committed_weights_load_and_match_their_hash(n):
-    record, step = load(n)
-    data = (LOGS / f"step{n}.pt").read_bytes()
+@pytest.mark.parametrize("folder, n", RUNS)
+def test_committed_weights_load_and_match_their_hash(folder, n):
+    folder = folder_of(folder)
+    record, step = load(n, folder)
+    data = (folder / f"step{n}.pt").read_bytes()
     assert hashlib.sha256(data).hexdigest() == record["weights_sha256"]
     common.make_net(step.Net, step.RECIPE).load_state_dict(
-        torch.load(LOGS / f"step{n}.pt", weights_only=True))
+        torch.load(folder / f"step{n}.pt", weights_only=True))
 
 
 def test_step4_record_holds_the_bar():
@@ -56,8 +64,9 @@ def test_step4_record_holds_the_bar():
     assert record["params"] < common.PARAM_BUDGET and min(last) >= common.BAR
 
 
-def test_seed_record_covers_at_least_five_seeds_of_the_committed_recipe():
-    record = json.loads((LOGS / "step4_seeds.json").read_text())
+@pytest.mark.parametrize("folder", [d.name for d in (LOGS, LOGS / "h100") if (d / "step4_seeds.json").exists()])
+def test_seed_record_covers_at_least_five_seeds_of_the_committed_recipe(folder):
+    record = json.loads((folder_of(folder) / "step4_seeds.json").read_text())
     import step4
     assert record["recipe"] == committed_recipe(step4.RECIPE, record)
     assert len(record["runs"]) >= 5
@@ -66,7 +75,7 @@ def test_seed_record_covers_at_least_five_seeds_of_the_committed_recipe():
 
 def test_readme_quotes_the_committed_numbers():
     readme = (ROOT / "README.md").read_text()
-    for n in STEPS:
-        record, _ = load(n)
+    for folder, n in RUNS:
+        record, _ = load(n, folder_of(folder))
         assert f"{record['summary']['final_test_acc']:.2f}" in readme
         assert f"{record['params']:,}" in readme
