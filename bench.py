@@ -12,6 +12,7 @@ training pass plus a test pass. The rows add one thing at a time:
 """
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 
@@ -60,15 +61,15 @@ def ours_epoch(model, optimizer, scheduler, data, recipe, generator):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=common.os.environ.get("MNIST_DIR", "data"), help="folder holding MNIST/raw")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data"), help="folder holding MNIST/raw")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per pipeline")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain pipeline")
     parser.add_argument("--device", default="cpu", help="cpu (the claim in the README), cuda or cuda:N")
     args = parser.parse_args()
     if args.epochs < 1 or args.workers < 0:
         parser.error("--epochs must be at least 1 and --workers at least 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if common.device_problem(args.device):
+        parser.error(f"argument --device: {common.device_problem(args.device)}")
     device = torch.device(args.device)
     torch.set_flush_denormal(True)  # as the steps do, for every pipeline
     recipe = step4.RECIPE
@@ -105,7 +106,7 @@ def main():
                                                      len(train_loader))
         runs[name] = (kind, r, model, optimizer, scheduler, torch.Generator().manual_seed(1), [], [])
     print(f"step 4 Net ({common.count_params(step4.Net()):,} parameters), batch {recipe.batch_size}, "
-          f"device {device}, {torch.get_num_threads()} CPU threads ({common._cpu_name()}), torch "
+          f"device {device}, {torch.get_num_threads()} CPU threads ({common.cpu_name()}), torch "
           f"{torch.__version__}, {args.epochs} epochs each, interleaved")
     for epoch in range(1, args.epochs + 1):
         for name, (kind, r, model, optimizer, scheduler, g, times, accs) in runs.items():

@@ -252,17 +252,17 @@ def train_epoch(model, optimizer, scheduler, images, labels, batch_size, generat
     augment = bool(max_rotation or max_shift)
     if augment:
         angles, shifts = draw_augmentation(n, batch_size, max_rotation, max_shift, generator)
-        angles = angles.to(device)
-        shifts = shifts.to(device) if shifts is not None else None
-    losses = torch.zeros(math.ceil(n / batch_size), device=device)  # kept on the device: no sync a batch
+        shifts = torch.zeros(n, 2) if shifts is None else shifts  # a zero shift moves nothing
+        angles, shifts = angles.to(device), shifts.to(device)
+    # each batch's summed loss, kept on the device: no sync a batch
+    loss_sums = torch.zeros(math.ceil(n / batch_size), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     lr = optimizer.param_groups[0]["lr"]
     for batch, start in enumerate(range(0, n, batch_size)):
         idx = order[start:start + batch_size]
         x, y = images[idx], labels[idx]
         if augment:
-            x = rotate(x, angles[start:start + batch_size],
-                       shifts[start:start + batch_size] if shifts is not None else None)
+            x = rotate(x, angles[start:start + batch_size], shifts[start:start + batch_size])
         with autocast(device, precision):
             out = model((x - mean) / std)
             loss = F.nll_loss(out.float(), y)
@@ -272,22 +272,21 @@ def train_epoch(model, optimizer, scheduler, images, labels, batch_size, generat
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
-        losses[batch] = loss.detach()
+        loss_sums[batch] = loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
-        if (batch + 1) % CHECK_EVERY == 0 or batch + 1 == len(losses):
-            _check_finite(losses[:batch + 1])
+        if (batch + 1) % CHECK_EVERY == 0 or batch + 1 == len(loss_sums):
+            _check_finite(loss_sums[:batch + 1])
         if bar is not None:
             seen = min(start + batch_size, n)
             bar.update(1)
-            bar.set_postfix(loss=f"{(losses[:batch + 1] * batch_size).sum().item() / seen:.4f}",
+            bar.set_postfix(loss=f"{loss_sums[:batch + 1].sum().item() / seen:.4f}",
                             acc=f"{100 * correct.item() / seen:.2f}", refresh=False)
-    sizes = torch.full_like(losses, batch_size)
-    sizes[-1] = n - batch_size * (len(losses) - 1)
-    return {"loss": (losses * sizes).sum().item() / n, "acc": 100 * correct.item() / n, "lr": lr}
+    return {"loss": loss_sums.sum().item() / n, "acc": 100 * correct.item() / n, "lr": lr}
 
 
 def _check_finite(losses):
-    """Raise Diverged naming the first batch (1-based) whose loss is not finite."""
+    """Raise Diverged naming the first batch (1-based) whose loss is not finite (a NaN or inf
+    stays one when multiplied by the batch size)."""
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         first = int(bad[0])
@@ -656,18 +655,24 @@ def parse_args(step, recipe, argv=None):
     parser.add_argument("--ablate", action="store_true",
                         help="train the recipe and one variant per declared change reverted; writes stepN_ablation.*")
     args = parser.parse_args(argv)
-    if args.device != "auto":
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            parser.error(f"argument --device: unknown device {args.device!r}; use auto, cpu, cuda or cuda:N")
-        if device.type not in ("cpu", "cuda"):
-            parser.error(f"argument --device: {args.device!r} is not supported; use auto, cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+    if args.device != "auto" and device_problem(args.device):
+        parser.error(f"argument --device: {device_problem(args.device)}")
     if args.seeds and args.ablate:
         parser.error("--seeds and --ablate are separate runs; pass one of them")
     return args
+
+
+def device_problem(name):
+    """Why `name` (cpu, cuda, cuda:N) cannot be used here, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"unknown device {name!r}; use auto, cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"{name!r} is not supported; use auto, cpu, cuda or cuda:N"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available on this machine; use --device cpu"
+    return None
 
 
 def pick_device(name):
@@ -821,10 +826,10 @@ def header_lines(step, mode, args, recipe, device):
             f"seed {args.seed}, device {device}, {torch.get_num_threads()} CPU threads, torch "
             f"{torch.__version__}, torchvision {_torchvision_version()}, python {platform.python_version()}",
             f"recipe: {recipe.describe()}, {recipe.epochs} epochs",
-            f"machine: {_cpu_name()}, {os.cpu_count()} cores"]
+            f"machine: {cpu_name()}, {os.cpu_count()} cores"]
 
 
-def _cpu_name():
+def cpu_name():
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

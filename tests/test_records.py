@@ -11,15 +11,12 @@ from conftest import ROOT
 LOGS = ROOT / "logs"
 STEPS = [n for n in range(1, 5) if (LOGS / f"step{n}.json").exists()]
 # (folder, step) for every committed single-run record: the CPU runs and the H100 runs
-RUNS = [(d.name, n) for d in (LOGS, LOGS / "h100") for n in range(1, 5) if (d / f"step{n}.json").exists()]
+RUNS = [(d, n) for d in (LOGS, LOGS / "h100") for n in range(1, 5) if (d / f"step{n}.json").exists()]
+RUN_IDS = [f"{d.name}-step{n}" for d, n in RUNS]
 
 
 def load(n, folder=LOGS):
     return json.loads((folder / f"step{n}.json").read_text()), __import__(f"step{n}")
-
-
-def folder_of(name):
-    return LOGS if name == LOGS.name else LOGS / name
 
 
 def committed_recipe(recipe, record, **changes):
@@ -32,9 +29,8 @@ def test_all_four_records_are_committed():
     assert STEPS == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("folder, n", RUNS)
+@pytest.mark.parametrize("folder, n", RUNS, ids=RUN_IDS)
 def test_record_matches_the_model_and_its_log(folder, n):
-    folder = folder_of(folder)
     record, step = load(n, folder)
     model = common.make_net(step.Net, step.RECIPE)
     assert record["params"] == common.count_params(model)
@@ -48,9 +44,8 @@ def test_record_matches_the_model_and_its_log(folder, n):
         assert line in log
 
 
-@pytest.mark.parametrize("folder, n", RUNS)
+@pytest.mark.parametrize("folder, n", RUNS, ids=RUN_IDS)
 def test_committed_weights_load_and_match_their_hash(folder, n):
-    folder = folder_of(folder)
     record, step = load(n, folder)
     data = (folder / f"step{n}.pt").read_bytes()
     assert hashlib.sha256(data).hexdigest() == record["weights_sha256"]
@@ -64,9 +59,10 @@ def test_step4_record_holds_the_bar():
     assert record["params"] < common.PARAM_BUDGET and min(last) >= common.BAR
 
 
-@pytest.mark.parametrize("folder", [d.name for d in (LOGS, LOGS / "h100") if (d / "step4_seeds.json").exists()])
+@pytest.mark.parametrize("folder", [d for d in (LOGS, LOGS / "h100") if (d / "step4_seeds.json").exists()],
+                         ids=lambda d: d.name)
 def test_seed_record_covers_at_least_five_seeds_of_the_committed_recipe(folder):
-    record = json.loads((folder_of(folder) / "step4_seeds.json").read_text())
+    record = json.loads((folder / "step4_seeds.json").read_text())
     import step4
     assert record["recipe"] == committed_recipe(step4.RECIPE, record)
     assert len(record["runs"]) >= 5
@@ -76,6 +72,6 @@ def test_seed_record_covers_at_least_five_seeds_of_the_committed_recipe(folder):
 def test_readme_quotes_the_committed_numbers():
     readme = (ROOT / "README.md").read_text()
     for folder, n in RUNS:
-        record, _ = load(n, folder_of(folder))
+        record, _ = load(n, folder)
         assert f"{record['summary']['final_test_acc']:.2f}" in readme
         assert f"{record['params']:,}" in readme
