@@ -5,8 +5,8 @@ training pass plus a test pass. The rows add one thing at a time:
   plain: per-image RandomAffine (the same rotation and shift), ToTensor, Normalize, DataLoader,
          fp32, torch's own nn.MaxPool2d
   ours:  the dataset as one tensor on the device, batched affine_grid + grid_sample, fp32
-  + bf16 autocast for training (CPU: oneDNN bf16 kernels; the test pass stays fp32)
   + common.MaxPool2d (channels-last max-pool on CPU, same numbers): what the steps run
+  + bf16 autocast for training (--precision bf16; the test pass stays fp32)
 
     python bench.py --data-dir ../shared/data --epochs 3
 """
@@ -54,9 +54,10 @@ def plain_epoch(model, optimizer, scheduler, train_loader, test_loader, device):
 
 
 def ours_epoch(model, optimizer, scheduler, data, recipe, generator):
-    common.train_epoch(model, optimizer, scheduler, *data["train"], recipe.batch_size, generator,
-                       data["norm"], recipe.max_rotation, recipe.precision, max_shift=recipe.max_shift)
-    return common.evaluate(model, *data["test"], data["norm"])[1]
+    batches = common.batches(data.train_images, data.train_labels, data.norm, recipe, generator)
+    common.train_epoch(model, optimizer, scheduler, batches, recipe.precision)
+    return common.percent(common.evaluate(model, data.test_images, data.test_labels, data.norm)[1],
+                          len(data.test_labels))
 
 
 def main():
@@ -74,13 +75,10 @@ def main():
     torch.set_flush_denormal(True)  # as the steps do, for every pipeline
     recipe = step4.RECIPE
     try:
-        raw = common.load_mnist(args.data_dir)
+        data = common.load_data(args.data_dir, device)
     except common.UserError as e:
         parser.exit(1, f"bench.py: error: {e}\n")
-    stats = common.data_stats(raw["train_images"], raw["train_labels"])
-    norm = (stats["mean"], stats["std"])
-    data = {"train": common.to_device(raw["train_images"], raw["train_labels"], device),
-            "test": common.to_device(raw["test_images"], raw["test_labels"], device), "norm": norm}
+    norm = data.norm
     to_tensor = [transforms.ToTensor(), transforms.Normalize((norm[0],), (norm[1],))]
     train_set = datasets.MNIST(args.data_dir, train=True, transform=transforms.Compose(
         [transforms.RandomAffine(recipe.max_rotation, translate=(recipe.max_shift / 28,) * 2, fill=0)]
@@ -92,8 +90,8 @@ def main():
     pipelines = {  # name -> (pipeline, precision, torch's own max-pool?)
         "plain: DataLoader, per-image affine, fp32": ("plain", "fp32", True),
         "ours: tensors, batched affine, fp32": ("ours", "fp32", True),
-        "ours + bf16 autocast": ("ours", "bf16", True),
-        "ours + bf16 + common.MaxPool2d": ("ours", "bf16", False),
+        "ours + common.MaxPool2d": ("ours", "fp32", False),
+        "ours + common.MaxPool2d + bf16 autocast": ("ours", "bf16", False),
     }
     runs = {}
     for name, (kind, precision, stock_pool) in pipelines.items():

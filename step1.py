@@ -1,8 +1,8 @@
 """Step 1 - setup and skeleton: data, statistics, loaders, the train/test loop, and a
 deliberately heavy version of the skeleton that every later step keeps."""
-import torch.nn as nn
+from common import MaxPool2d, Recipe, Step, conv_block, main  # first: it quiets Ctrl-C during imports
 
-from common import MaxPool2d, Recipe, conv_block, main
+import torch.nn as nn
 
 TARGET = """
 Get the whole pipeline right before the model: read MNIST, measure its statistics (the
@@ -12,6 +12,9 @@ Fix the skeleton that later steps keep: two 3x3 convs (RF 5, where strokes and e
 Make it heavy on purpose (an 8x8 kernel over the last 8x8 map, ~1M weights) to see the ceiling of
 this skeleton and how far it overfits, with no BatchNorm, no augmentation and a constant LR.
 """
+
+NEXT = """cut the parameters to under 10,000: fewer channels, and global average pooling
+instead of the big output kernel, keeping the skeleton and the training recipe."""
 
 RECIPE = Recipe(lr=0.01, schedule="constant", batch_size=128)
 
@@ -39,4 +42,4 @@ class Net(nn.Module):
 
 
 if __name__ == "__main__":
-    main(1, Net, RECIPE, TARGET)
+    main(Step(1, Net, RECIPE, TARGET, NEXT))

@@ -1,7 +1,7 @@
 """Step 3 - BatchNorm after every conv but the last, and a little dropout after the pool."""
-import torch.nn as nn
+from common import MaxPool2d, Recipe, Step, conv_block, main  # first: it quiets Ctrl-C during imports
 
-from common import MaxPool2d, Recipe, conv_block, main
+import torch.nn as nn
 
 TARGET = """
 Step 2 is within budget, but its plain convs train slowly: each layer's input scale drifts as the
@@ -12,6 +12,9 @@ ones below it learn. Keep the channels and the training recipe, and:
   small: BatchNorm lets the model fit the training set much better, and this keeps it honest.
 Aim: a clear rise in test accuracy over step 2 at nearly the same size, with a small train-test gap.
 """
+
+NEXT = """the capacity is fixed by the budget, so feed it harder data (random rotations and
+shifts) and let a one-cycle LR schedule settle the last epochs."""
 
 RECIPE = Recipe(lr=0.01, schedule="constant", batch_size=128, dropout=0.05)
 
@@ -38,4 +41,4 @@ class Net(nn.Module):
 
 
 if __name__ == "__main__":
-    main(3, Net, RECIPE, TARGET, changes={"dropout": ("dropout",)})
+    main(Step(3, Net, RECIPE, TARGET, NEXT))

@@ -31,7 +31,7 @@ def test_bench_prints_every_pipeline_with_its_speed_up(mnist_dir):
     assert proc.returncode == 0, proc.stderr
     rows = re.findall(r"^(plain|ours).*?\s(\d+\.\d+)\s+(\d+\.\d+)x(.*)$", proc.stdout, re.M)
     assert len(rows) == 4 and rows[0][2] == "1.00"
-    assert [bool(r[3]) for r in rows] == [False, False, False, True]  # on CPU: bf16 and our max-pool
+    assert [bool(r[3]) for r in rows] == [False, False, True, False]  # fp32 and our max-pool
 
 
 def test_bench_rejects_bad_input(tmp_path):

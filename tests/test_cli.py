@@ -40,7 +40,8 @@ def test_a_run_writes_log_record_and_weights(finished_run):
     params = common.count_params(common.make_net(step4.Net, step4.RECIPE))
     assert record["params"] == params and f"Parameters: {params:,}" in log
     assert re.search(rf"^total\s+{params:,}$", log, re.M)  # the layer table agrees
-    assert len(record["history"]) == 1 and record["recipe"]["max_rotation"] == 7.0
+    assert len(record["history"]) == 1 and record["recipe"] == common.dataclasses.asdict(
+        common.dataclasses.replace(step4.RECIPE, epochs=1, precision="fp32"))
     assert record["weights_sha256"] in log
     import hashlib
     assert hashlib.sha256((finished_run / "step4.pt").read_bytes()).hexdigest() == record["weights_sha256"]
@@ -86,13 +87,17 @@ def test_next_step_cites_the_previous_record(mnist_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--epochs", "-3"], ["--epochs", "abc"],
-                                   ["--device", "tpu9"], ["--lr", "0"], ["--lr", "-1"],
-                                   ["--batch-size", "0"], ["--nonsense"]])
+                                   ["--device", "tpu9"], ["--lr", "0"], ["--lr", "-1"], ["--lr", "nan"],
+                                   ["--batch-size", "0"], ["--nonsense"], ["--eval", ""], ["--log-dir", ""],
+                                   ["--seed", "-1"], ["--seed", str(2**64)], ["--seeds", "1", str(2**64)],
+                                   ["--seeds", "1", "1"], ["--seeds", "1-3", "2"], ["--seeds", "5-2"],
+                                   ["--jobs", "2"], ["--eval", "x.pt", "--seeds", "1"], ["--eval", "x.pt", "--ablate"]],
+                         ids=lambda f: " ".join(f) or "empty")
 def test_bad_flags_exit_2_and_write_nothing(flags, tmp_path, mnist_dir):
     logs = tmp_path / "logs"
     result = run_step(4, *flags, "--data-dir", mnist_dir, "--log-dir", logs)
     assert result.returncode == 2 and "usage:" in result.stderr and "Traceback" not in result.stderr
-    assert not logs.exists()
+    assert not logs.exists() and result.stdout == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -154,55 +159,199 @@ def test_a_finished_run_removes_the_partial_log_of_an_earlier_one(mnist_dir, tmp
     assert (logs / "step2.log").exists() and not (logs / "step2.partial.log").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def start_training(log_dir, mnist_dir, epochs=500):
+    """A step-4 run that has really started training (its 2nd epoch printed)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "step4.py"), "--epochs", str(epochs),
+                             "--data-dir", str(mnist_dir), "--log-dir", str(log_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("epoch  2/"):
+            break
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_keeps_the_previous_files(finished_run, mnist_dir, sig):
     before = snapshot(finished_run)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "step4.py"), "--epochs", "500",
-                             "--data-dir", str(mnist_dir), "--log-dir", str(finished_run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stdout:  # wait until training has really started
-        if line.startswith("epoch  2/500"):
-            break
+    proc = start_training(finished_run, mnist_dir)
     start = time.perf_counter()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert time.perf_counter() - start < 10
-    assert proc.returncode == 130 and "interrupted" in err and "step4.partial.log" in err
-    assert "Traceback" not in err
+    assert proc.returncode == 128 + sig and "interrupted" in err and "step4.partial.log" in err
+    assert "Traceback" not in err and "files are untouched" in err
     after = snapshot(finished_run)
     assert {k: v for k, v in after.items() if k in before} == before
     assert "epoch  2/500" in after["step4.partial.log"].decode()
 
 
+def test_ctrl_c_twice_is_still_one_clean_exit(finished_run, mnist_dir):
+    before = snapshot(finished_run)
+    proc = start_training(finished_run, mnist_dir)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert {k: v for k, v in snapshot(finished_run).items() if k in before} == before
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "step4.py"), "--log-dir", str(tmp_path / "logs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(0.5)  # python is up, torch (seconds) is still importing
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run a step's main() in this process (to inject faults); returns (exit status, stderr)."""
+    handlers = {s: signal.getsignal(s) for s in common.TERMINATING}
+
+    def run(step, *args):
+        with pytest.raises(SystemExit) as e:
+            common.main(step, [str(a) for a in args])
+        return e.value.code
+    yield run
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+STEP4 = common.Step(4, step4.Net, step4.RECIPE, step4.TARGET, step4.NEXT, step4.CHANGES)
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt(), OSError(28, "No space left on device")], ids=["ctrl-c", "disk-full"])
+def test_a_fault_at_the_end_leaves_the_old_set_byte_for_byte(finished_run, mnist_dir, in_process, monkeypatch, capsys, fault):
+    before = snapshot(finished_run)
+
+    def fail(*args, **kwargs):
+        raise fault
+    monkeypatch.setattr(common, "plot_misclassified", fail)  # after weights, record and log are staged
+    code = in_process(STEP4, *FAST, "--data-dir", mnist_dir, "--log-dir", finished_run)
+    err = capsys.readouterr().err
+    assert code == (130 if isinstance(fault, KeyboardInterrupt) else 1)
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith("warning:")]
+    assert "Traceback" not in err and len(lines) == 1 and "files are untouched" in err
+    after = snapshot(finished_run)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert set(after) - set(before) == {"step4.partial.log", "step4.partial.pt"}  # the training is kept
+    assert not [p for p in finished_run.iterdir() if p.name.startswith(".")]  # no temporary files left
+    if isinstance(fault, OSError):
+        assert "No space left" in err and "Traceback" in after["step4.partial.log"].decode()
+
+
+def test_an_interrupt_during_the_commit_waits_for_the_new_set(finished_run, mnist_dir, in_process, monkeypatch, capsys):
+    real_replace, renames = os.replace, []
+
+    def replace(src, dst):
+        if str(dst).startswith(str(finished_run)) and not renames:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the renames begin: held back until they end
+            renames.append(dst)
+        real_replace(src, dst)
+    monkeypatch.setattr(common.os, "replace", replace)
+    code = in_process(STEP4, *FAST, "--seed", 2, "--data-dir", mnist_dir, "--log-dir", finished_run)
+    err = capsys.readouterr().err
+    assert code == 130 and "set was complete" in err and "Traceback" not in err
+    record = json.loads((finished_run / "step4.json").read_text())
+    assert record["seed"] == 2
+    import hashlib
+    assert hashlib.sha256((finished_run / "step4.pt").read_bytes()).hexdigest() == record["weights_sha256"]
+
+
+def test_a_previous_record_that_cannot_be_understood_counts_as_missing(mnist_dir, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "step3.json").write_text(json.dumps({"history": [{"epoch": 1}]}))
+    result = run_step(4, *FAST, "--data-dir", mnist_dir, "--log-dir", logs)
+    assert result.returncode == 0, result.stderr
+    assert "could not be understood (KeyError" in (logs / "step4.log").read_text()
+
+
+def test_more_than_fifteen_epochs_warns_and_is_judged_within_fifteen(mnist_dir, tmp_path):
+    logs = tmp_path / "logs"
+    result = run_step(2, "--epochs", 16, "--quiet", "--data-dir", mnist_dir, "--log-dir", logs)
+    assert result.returncode == 0 and "warning: --epochs 16 is more than the assignment's 15" in result.stderr
+    assert "judged on epochs 13-15" in (logs / "step2.log").read_text()
+
+
+def test_batch_larger_than_the_train_set_is_refused(mnist_dir, tmp_path):
+    result = run_step(4, *FAST, "--batch-size", 100_000, "--data-dir", mnist_dir, "--log-dir", tmp_path / "logs")
+    assert result.returncode == 1 and "larger than the 256 training images" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_swapped_files_are_refused(mnist_dir, tmp_path):
+    raw = mnist_dir / "MNIST" / "raw"
+    for kind in ("images-idx3", "labels-idx1"):
+        a, b = raw / f"train-{kind}-ubyte", raw / f"t10k-{kind}-ubyte"
+        data_a, data_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(data_b), b.write_bytes(data_a)
+    result = run_step(4, *FAST, "--data-dir", mnist_dir, "--log-dir", tmp_path / "logs")
+    assert result.returncode == 1 and "swapped" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_seeds_mode_writes_its_summary(mnist_dir, tmp_path):
     logs = tmp_path / "logs"
-    result = run_step(4, *FAST, "--seeds", "1", "2", "--data-dir", mnist_dir, "--log-dir", logs)
+    result = run_step(4, *FAST, "--seeds", "1-2", "4", "--data-dir", mnist_dir, "--log-dir", logs)
     assert result.returncode == 0, result.stderr
     record = json.loads((logs / "step4_seeds.json").read_text())
-    assert [r["seed"] for r in record["runs"]] == [1, 2]
-    assert record["summary"]["runs"] == 2 and not (logs / "step4.json").exists()
-    assert "held the bar" in (logs / "step4_seeds.log").read_text()
+    assert [r["seed"] for r in record["runs"]] == [1, 2, 4] and not (logs / "step4.json").exists()
+    log = (logs / "step4_seeds.log").read_text()
+    assert "3 of 3 done" in result.stdout and "held the bar" in log and "Wilson" in log
 
 
-def test_ablate_trains_one_variant_per_change(mnist_dir, tmp_path):
+def test_seeds_in_worker_processes_give_the_same_numbers(mnist_dir, tmp_path):
+    runs = {}
+    for jobs in (1, 2):  # one CPU thread a run either way: oneDNN's sums depend on the thread count
+        logs = tmp_path / f"jobs{jobs}"
+        result = run_step(4, "--epochs", 2, "--quiet", "--seeds", "1-3", "--jobs", jobs,
+                          "--data-dir", mnist_dir, "--log-dir", logs, env=dict(os.environ, OMP_NUM_THREADS=str(jobs)))
+        assert result.returncode == 0, result.stderr
+        record = json.loads((logs / "step4_seeds.json").read_text())
+        runs[jobs] = [[{k: v for k, v in h.items() if "seconds" not in k} for h in r["history"]]
+                      for r in record["runs"]]
+    assert runs[1] == runs[2]
+
+
+def test_ctrl_c_in_a_sweep_with_workers_keeps_the_finished_seeds(mnist_dir, tmp_path):
     logs = tmp_path / "logs"
-    result = run_step(4, *FAST, "--ablate", "--data-dir", mnist_dir, "--log-dir", logs)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "step4.py"), "--epochs", "3", "--seeds", "1-50",
+                             "--jobs", "2", "--data-dir", str(mnist_dir), "--log-dir", str(logs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stdout:  # wait until one seed is done
+        if " of 50 done" in line:
+            break
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and time.perf_counter() - start < 30
+    assert "1 of 50 done" in (logs / "step4_seeds.partial.log").read_text()
+    assert not (logs / "step4_seeds.json").exists()
+
+
+def test_ablate_trains_one_variant_per_change_over_seeds(mnist_dir, tmp_path):
+    logs = tmp_path / "logs"
+    result = run_step(4, *FAST, "--ablate", "--seeds", "1-2", "--data-dir", mnist_dir, "--log-dir", logs)
     assert result.returncode == 0, result.stderr
     record = json.loads((logs / "step4_ablation.json").read_text())
     names = [v["name"] for v in record["variants"]]
     assert names == ["full recipe"] + list(step4.CHANGES)
     full = record["variants"][0]["recipe"]
-    for variant in record["variants"][1:]:
+    for variant in record["variants"]:
+        assert [r["seed"] for r in variant["runs"]] == [1, 2]
         changed = {k for k in full if variant["recipe"][k] != full[k]}
-        assert changed == set(step4.CHANGES[variant["name"]])
+        assert changed == set(step4.CHANGES.get(variant["name"], {}))
     # the step's own run now quotes the ablation record it finds
     assert run_step(4, *FAST, "--data-dir", mnist_dir, "--log-dir", logs).returncode == 0
-    assert "Ablation (one seed per variant" in (logs / "step4.log").read_text()
+    assert "Ablation (2 seeds per variant: 1-2)" in (logs / "step4.log").read_text()
 
 
 def test_help_shows_every_flag_with_its_default():
     result = run_step(4, "--help")
     for flag in ("--epochs", "--data-dir", "--log-dir", "--seed", "--device", "--lr",
-                 "--batch-size", "--quiet", "--eval", "--seeds", "--ablate"):
+                 "--batch-size", "--quiet", "--eval", "--seeds", "--ablate", "--jobs"):
         assert flag in result.stdout
-    assert "default: 15" in result.stdout and "default: 0.1" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "default: 15)" in text and "default: 0.1)" in text

@@ -42,9 +42,9 @@ def test_max_pool_counts_as_a_pool_in_the_layer_table():
 def test_rotate_by_zero_is_identity_and_by_90_turns_the_image():
     img = torch.zeros(2, 1, 28, 28)
     img[:, :, 2:6, 10:18] = 1.0
-    same = common.rotate(img, torch.zeros(2))
+    same = common.affine(img, torch.zeros(2), torch.zeros(2, 2))
     assert torch.allclose(same, img, atol=1e-5)
-    turned = common.rotate(img, torch.tensor([90.0, -90.0]))
+    turned = common.affine(img, torch.tensor([90.0, -90.0]), torch.zeros(2, 2))
     # a quarter turn either way lands on one of torch.rot90's two directions
     assert any(torch.allclose(turned[0, 0], torch.rot90(img[0, 0], k), atol=1e-4) for k in (1, -1))
     assert not torch.allclose(turned[0], turned[1], atol=1e-3)
@@ -96,29 +96,52 @@ def test_labels_that_do_not_match_images_count_as_corrupt(tmp_path):
         common.load_mnist(root)
 
 
-def test_train_epoch_and_evaluate_return_their_numbers():
+def linear_model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.LogSoftmax(1))
+
+
+def test_train_epoch_and_evaluate_return_exact_counts():
     torch.manual_seed(0)
-    images = torch.rand(64, 1, 28, 28)
-    labels = torch.arange(64) % 10
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.LogSoftmax(1))
+    images, labels = torch.rand(64, 1, 28, 28), torch.arange(64) % 10
+    model = linear_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = common.train_epoch(model, opt, None, images, labels, 16, torch.Generator().manual_seed(0),
-                               (0.5, 0.25), max_rotation=5.0)
-    assert set(stats) == {"loss", "acc", "lr"} and 0 <= stats["acc"] <= 100 and stats["lr"] == 0.1
-    loss, acc = common.evaluate(model, images, labels, (0.5, 0.25))
-    assert math.isfinite(loss) and 0 <= acc <= 100
+    recipe = common.Recipe(batch_size=16, max_rotation=5.0)
+    batches = common.batches(images, labels, (0.5, 0.25), recipe, torch.Generator().manual_seed(0))
+    stats = common.train_epoch(model, opt, None, batches, "fp32")
+    assert set(stats) == {"loss", "correct", "total", "lr"} and stats["lr"] == 0.1
+    assert isinstance(stats["correct"], int) and stats["total"] == 64 and 0 <= stats["correct"] <= 64
+    loss, correct = common.evaluate(model, images, labels, (0.5, 0.25))
+    assert math.isfinite(loss) and isinstance(correct, int) and 0 <= correct <= 64
+
+
+def test_batches_cover_every_image_once_per_epoch():
+    images = torch.arange(10, dtype=torch.float).view(10, 1, 1, 1).expand(10, 1, 28, 28).contiguous()
+    labels = torch.arange(10)
+    seen = [(x[:, 0, 0, 0], y) for x, y in common.batches(images, labels, (0.0, 1.0), common.Recipe(batch_size=4),
+                                                        torch.Generator().manual_seed(0))]
+    assert [len(y) for _, y in seen] == [4, 4, 2]
+    assert sorted(torch.cat([y for _, y in seen]).tolist()) == list(range(10))
+    assert all(torch.equal(x, y.float()) for x, y in seen)  # unaugmented: each image with its own label
 
 
 def test_train_epoch_stops_at_the_first_bad_loss():
-    images = torch.rand(64, 1, 28, 28)
-    labels = torch.arange(64) % 10
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.LogSoftmax(1))
+    images, labels = torch.rand(64, 1, 28, 28), torch.arange(64) % 10
+    model = linear_model()
     with torch.no_grad():
         model[1].weight.fill_(float("nan"))
+    batches = common.batches(images, labels, (0.5, 0.25), common.Recipe(batch_size=16), torch.Generator())
     with pytest.raises(common.Diverged) as e:
-        common.train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), None, images, labels,
-                           16, torch.Generator().manual_seed(0), (0.5, 0.25))
+        common.train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), None, batches, "fp32")
     assert e.value.batch == 1
+
+
+def test_train_yields_each_epoch_with_exact_counts():
+    data = common.Data(torch.rand(32, 1, 28, 28), torch.arange(32) % 10, torch.rand(8, 1, 28, 28),
+                       torch.arange(8) % 10, (0.5, 0.25), {})
+    recipe = common.Recipe(epochs=2, batch_size=8, lr=0.1)
+    entries = [entry for _, entry in common.train(linear_model, recipe, data, seed=0)]
+    assert [e["epoch"] for e in entries] == [1, 2]
+    assert all(e["test_total"] == 8 and e["train_total"] == 32 and isinstance(e["test_correct"], int) for e in entries)
 
 
 def test_confusion_matrix_counts_true_by_predicted():
@@ -127,18 +150,18 @@ def test_confusion_matrix_counts_true_by_predicted():
     assert common.most_confused(m) == [(2, 1, 1)]
 
 
-def test_write_atomic_leaves_old_file_on_failure(tmp_path):
+def test_write_file_leaves_the_old_file_on_failure(tmp_path):
     path = tmp_path / "f.txt"
-    common.write_atomic(path, "old")
+    common.write_file(path, "old")
     with pytest.raises(TypeError):
-        common.write_atomic(path, 12345)  # not bytes: fails mid-write
+        common.write_file(path, 12345)  # not bytes: fails mid-write
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
 
 
 def test_ablation_variants_revert_one_change_each():
     import step3
     import step4
-    variants = common.ablation_variants(step4.RECIPE, step3.RECIPE, step4.CHANGES)
+    variants = common.ablation_variants(step4.RECIPE, step4.CHANGES)
     assert variants[0][2] == step4.RECIPE and len(variants) == len(step4.CHANGES) + 1
     for (name, _, recipe), (change, fields) in zip(variants[1:], step4.CHANGES.items()):
         assert name == change
@@ -150,7 +173,7 @@ def test_ablation_variants_revert_one_change_each():
 def test_shift_moves_the_image_by_whole_pixels():
     img = torch.zeros(1, 1, 28, 28)
     img[:, :, 10:14, 8:12] = 1.0
-    moved = common.rotate(img, torch.zeros(1), torch.tensor([[2.0, -3.0]]))
+    moved = common.affine(img, torch.zeros(1), torch.tensor([[2.0, -3.0]]))
     # a positive dx samples from the right, so the content moves left (and dy < 0: down)
     assert torch.allclose(moved, torch.roll(img, shifts=(3, -2), dims=(2, 3)), atol=1e-5)
 
@@ -164,18 +187,72 @@ def test_augmentation_is_drawn_batch_by_batch_in_a_fixed_order():
         expected_angles.append(common.uniform_symmetric(size, 7.0, g))
     assert torch.equal(angles, torch.cat(expected_angles)) and torch.equal(shifts, torch.cat(expected_shifts))
     angles, shifts = common.draw_augmentation(10, 4, 7.0, 0.0, torch.Generator().manual_seed(5))
-    assert shifts is None and torch.equal(angles, common.uniform_symmetric(10, 7.0, torch.Generator().manual_seed(5)))
+    assert not shifts.any() and torch.equal(angles, common.uniform_symmetric(10, 7.0, torch.Generator().manual_seed(5)))
 
 
-def test_auto_precision_is_bf16_on_cpu_and_fp32_on_cuda():
-    assert common.resolve_precision("auto", torch.device("cpu")) == "bf16"
+def test_auto_precision_is_fp32_everywhere():
+    assert common.resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert common.resolve_precision("auto", torch.device("cuda")) == "fp32"
-    assert common.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert common.resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_divergence_names_the_first_bad_batch():
-    losses = torch.tensor([0.5, 0.4, float("nan"), float("inf")])
+    losses = [torch.tensor(v) for v in (0.5, 0.4, float("nan"), float("inf"))]
     with pytest.raises(common.Diverged) as e:
-        common._check_finite(losses)
+        common.check_finite(losses, 0)
     assert e.value.batch == 3 and math.isnan(e.value.loss)
-    common._check_finite(losses[:2])  # finite: no error
+    common.check_finite(losses[:2], 0)  # finite: no error
+    with pytest.raises(common.Diverged) as e:
+        common.check_finite(losses, 3)  # checks only from the 4th batch on
+    assert e.value.batch == 4
+
+
+def test_a_diverged_error_survives_the_trip_from_a_worker_process():
+    import pickle
+    e = pickle.loads(pickle.dumps(common.Diverged(7, float("nan"), 3)))
+    assert (e.batch, e.epoch) == (7, 3) and "epoch 3, batch 7" in str(e)
+
+
+@pytest.mark.parametrize("items", ["images", "labels"])
+def test_a_file_with_a_valid_header_and_no_items_is_corrupt(tmp_path, items):
+    root = make_mnist(tmp_path, 50, 20)
+    name = f"t10k-{items}-idx{3 if items == 'images' else 1}-ubyte"
+    path = root / "MNIST" / "raw" / name
+    header = bytearray(path.read_bytes()[:16 if items == "images" else 8])
+    header[4:8] = (0).to_bytes(4, "big")
+    path.write_bytes(bytes(header))
+    with pytest.raises(common.UserError, match=f"{name} holds 0 items: it is corrupt"):
+        common.load_mnist(root)
+
+
+def test_swapped_train_and_test_files_are_named(tmp_path):
+    root = make_mnist(tmp_path, 50, 20)
+    raw = root / "MNIST" / "raw"
+    for kind in ("images-idx3", "labels-idx1"):
+        train, test = raw / f"train-{kind}-ubyte", raw / f"t10k-{kind}-ubyte"
+        a, b = train.read_bytes(), test.read_bytes()
+        train.write_bytes(b), test.write_bytes(a)
+    with pytest.raises(common.UserError, match="train-images-idx3-ubyte holds 20 images.*swapped"):
+        common.load_mnist(root)
+
+
+def test_a_failed_rename_puts_the_old_set_back(tmp_path, monkeypatch):
+    old = {tmp_path / n: n.encode() for n in ("a.pt", "a.json", "a.log")}
+    for path, data in old.items():
+        path.write_bytes(data)
+    staged = {path: common._write_hidden(path, b"new", "staged") for path in old}
+    real_replace, calls = common.os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # the second new file's rename fails
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+    monkeypatch.setattr(common.os, "replace", replace)
+    with pytest.raises(OSError):
+        common.commit(staged)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in old} == old
+    for tmp in staged.values():
+        tmp.unlink(missing_ok=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.log", "a.pt"]
