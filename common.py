@@ -821,7 +821,7 @@ def usable_record(path, check):
 def check_single(record):
     summarize(record["history"])
     percent(record["rotated_test"]["correct"], record["rotated_test"]["total"])
-    return f"{record['params']:,} step {record['step']:d}"
+    f"{record['params']:,} {record['step']:d}"  # both must be integers
 
 
 def check_seeds(record):
@@ -1049,12 +1049,12 @@ def run_single(run):
         history.append(entry)
         run.say(epoch_line(entry, run.recipe.epochs))
     run.weights = state_bytes(model)  # from here on a failure keeps them as stepN.partial.pt
-    record = single_record(run, model, history, layers)
+    predicted = predict(model, run.data.test_images, run.data.norm).argmax(1)
+    record = single_record(run, history, layers, predicted, model)
     run.stage(f"{run.name}.pt", run.weights)
     run.stage(f"{run.name}.json", json.dumps(record, indent=1))
     run.stage(f"{run.name}.log", "\n".join(run.lines) + "\n")
     run.stage(f"{run.name}_curves.png", plot_curves(history, f"step {run.step.number}"))
-    predicted = predict(model, run.data.test_images, run.data.norm).argmax(1)
     run.stage(f"{run.name}_misclassified.png", plot_misclassified(run.data.test_images, run.data.test_labels, predicted))
     others = [usable_record(run.log_dir / f"step{n}.json", check_single)[0] for n in range(1, 5)
               if n != run.step.number]
@@ -1062,11 +1062,10 @@ def run_single(run):
     run.commit()
 
 
-def single_record(run, model, history, layers):
+def single_record(run, history, layers, predicted, model):
     """Confusion, rotated copy, the previous step, the Target / Result / Analysis block: the
     record of a finished single run (its lines go to the log as they are made)."""
     data, step = run.data, run.step
-    predicted = predict(model, data.test_images, data.norm).argmax(1)
     matrix = confusion_matrix(predicted, data.test_labels)
     for line in [""] + format_confusion(matrix):
         run.say(line)
@@ -1090,12 +1089,10 @@ def single_record(run, model, history, layers):
 def make_block(run, history, layers, prev, why, rotated):
     s, params = summarize(history), sum(r["params"] for r in layers)
     prev_rotated = percent(prev["rotated_test"]["correct"], prev["rotated_test"]["total"]) if prev else None
-    model = make_net(run.step.Net, run.recipe)
     recipe = run.recipe
-    facts = {"step": run.step.number, "params": params, "next": run.step.next,
-             "augmented": bool(recipe.max_rotation or recipe.max_shift), "scheduled": recipe.schedule != "constant",
-             "regularised": bool(recipe.max_rotation or recipe.max_shift
-                                 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())),
+    augmented = bool(recipe.max_rotation or recipe.max_shift)
+    facts = {"step": run.step.number, "params": params, "next": run.step.next, "augmented": augmented,
+             "scheduled": recipe.schedule != "constant", "regularised": augmented or bool(recipe.dropout),
              "rotated": rotated, "prev_rotated": prev_rotated}
     analysis = analyze(s, history, facts, prev, run.companion("seeds", check_seeds),
                        run.companion("ablation", check_ablation))
