@@ -5,18 +5,30 @@ rules, pictures, files, the command line and the run modes.
 A step file holds its story (Target, `Net`, `RECIPE`, what comes next) and calls
 `main(Step(...))`; importing a step trains nothing.
 """
+import os
+import signal
 import sys
+
+NOT_STARTED = "\ninterrupted before the run started; nothing was written.\n"
+
+
+def _quit_during_imports(signum, frame):
+    """Ctrl-C while torch imports (seconds): quit at once. Raising KeyboardInterrupt there is not
+    safe: torch catches a failed numpy import and goes on with a half-imported numpy."""
+    os.write(2, NOT_STARTED.encode())
+    os._exit(128 + signum)
 
 
 def _one_line_interrupt(kind, value, tb):
-    """Ctrl-C while torch is still importing (seconds) is one line, not a traceback."""
+    """Ctrl-C after the imports but before main() takes over is one line, not a traceback."""
     if issubclass(kind, KeyboardInterrupt):
-        print("\ninterrupted before the run started; nothing was written.", file=sys.stderr)
+        sys.stderr.write(NOT_STARTED)
     else:
         sys.__excepthook__(kind, value, tb)
 
 
-sys.excepthook = _one_line_interrupt  # set before `import torch`, which takes seconds
+sys.excepthook = _one_line_interrupt
+_handler_before_imports = signal.signal(signal.SIGINT, _quit_during_imports)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -27,10 +39,8 @@ import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import multiprocessing  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -41,6 +51,8 @@ from typing import NamedTuple  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+signal.signal(signal.SIGINT, _handler_before_imports)  # the imports are done
 
 # ----------------------------------------------------------------------------- settings
 BAR_PER_10K = 9_940        # the bar as a count: correct test images per 10,000 (99.40%)
