@@ -820,9 +820,9 @@ def usable_record(path, check):
     try:
         record = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        return None, f"The previous record {path} was not found"
+        return None, f"The record {path} was not found"
     except (OSError, ValueError) as e:
-        return None, f"The previous record {path} could not be read ({type(e).__name__})"
+        return None, f"The record {path} could not be read ({type(e).__name__})"
     try:
         check(record)
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, AttributeError) as e:
@@ -834,14 +834,6 @@ def check_single(record):
     summarize(record["history"])
     percent(record["rotated_test"]["correct"], record["rotated_test"]["total"])
     f"{record['params']:,} {record['step']:d}"  # both must be integers
-
-
-def check_seeds(record):
-    seeds_sentences(record)
-
-
-def check_ablation(record):
-    ablation_sentences(record)
 
 
 def _write_hidden(path, data, suffix):
@@ -1106,8 +1098,8 @@ def make_block(run, history, layers, prev, why, rotated):
     facts = {"step": run.step.number, "params": params, "next": run.step.next, "augmented": augmented,
              "scheduled": recipe.schedule != "constant", "regularised": augmented or bool(recipe.dropout),
              "rotated": rotated, "prev_rotated": prev_rotated}
-    analysis = analyze(s, history, facts, prev, run.companion("seeds", check_seeds),
-                       run.companion("ablation", check_ablation))
+    analysis = analyze(s, history, facts, prev, run.companion("seeds", seeds_sentences),
+                       run.companion("ablation", ablation_sentences))
     wall = time.perf_counter() - run.started
     return {"target": [previous_line(run.step.number, prev, why)] + run.step.target.strip().splitlines(),
             "result": result_lines(s, params, wall, rotated, prev_rotated), "analysis": analysis}
@@ -1176,7 +1168,7 @@ def ablation_table(variants):
 def reused_runs(run, seeds):
     """The full recipe's runs of these seeds from this step's seeds record, when it was made with
     the same recipe, model, device and threads a job: the same computation, so not repeated."""
-    record = run.companion("seeds", check_seeds)
+    record = run.companion("seeds", seeds_sentences)
     if not record or (record.get("device"), record.get("threads")) != (str(run.device), job_threads(run.args.jobs)):
         return []
     known = {r["seed"]: r for r in record["runs"]}
