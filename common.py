@@ -681,11 +681,15 @@ def ablation_sentences(ablation):
     return out
 
 
-def next_sentences(s, facts, next_text):
-    if s["holds_bar"] and not (facts["seeds"] and facts["ablation"]):
-        todo = [what for what, done in (("that it holds across seeds (--seeds 1-20)", facts["seeds"]),
+def next_sentences(s, facts, next_text, seeds=None):
+    if s["holds_bar"] and not (seeds and facts["ablation"]):
+        todo = [what for what, done in (("that it holds across seeds (--seeds 1-20)", seeds),
                                         ("which change earned it (--ablate)", facts["ablation"])) if not done]
         return ["Next: the bar is met in this run; check " + " and ".join(todo) + "."]
+    missed = seeds and sum(not summarize(r["history"])["holds_bar"] for r in seeds["runs"])
+    if missed:
+        return [f"Next: {missed} of {len(seeds['runs'])} seeds missed the bar, so holding it is not yet "
+                "a property of the recipe: the margin must grow before anything else."]
     if not s["holds_bar"] and s["judged"] and facts["augmented"] and facts["scheduled"]:
         return ["Next: the bar is not held by this run, with augmentation and an LR schedule already "
                 "in place; the margin must come from the recipe or the model, not from more epochs."]
@@ -702,8 +706,7 @@ def analyze(s, history, facts, prev=None, seeds=None, ablation=None):
             + stability_sentences(s) + previous_sentences(s, params, prev)
             + rotated_sentences(facts["step"], facts["rotated"], facts["prev_rotated"])
             + seeds_sentences(seeds) + ablation_sentences(ablation)
-            + next_sentences(s, dict(facts, seeds=seeds is not None, ablation=ablation is not None),
-                             facts["next"]))
+            + next_sentences(s, dict(facts, ablation=ablation is not None), facts["next"], seeds))
 
 
 def seed_list(seeds):

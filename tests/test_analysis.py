@@ -152,6 +152,9 @@ def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
     measured = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.50]),
                         ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
     assert measured == "Next: trim it."
+    one_missed = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.38]),
+                          ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
+    assert one_missed.startswith("Next: 1 of 2 seeds missed the bar") and "trim" not in one_missed
 
 
 def test_seed_lists_are_written_as_ranges():
