@@ -681,19 +681,19 @@ def ablation_sentences(ablation):
     return out
 
 
-def next_sentences(s, facts, next_text, seeds=None):
-    if s["holds_bar"] and not (seeds and facts["ablation"]):
+def next_sentences(s, facts, seeds=None, ablation=None):
+    if s["holds_bar"] and not (seeds and ablation):
         todo = [what for what, done in (("that it holds across seeds (--seeds 1-20)", seeds),
-                                        ("which change earned it (--ablate)", facts["ablation"])) if not done]
+                                        ("which change earned it (--ablate)", ablation)) if not done]
         return ["Next: the bar is met in this run; check " + " and ".join(todo) + "."]
-    missed = seeds and sum(not summarize(r["history"])["holds_bar"] for r in seeds["runs"])
-    if missed:
-        return [f"Next: {missed} of {len(seeds['runs'])} seeds missed the bar, so holding it is not yet "
-                "a property of the recipe: the margin must grow before anything else."]
+    sm = seed_summary(seeds["runs"]) if seeds else None
+    if sm and sm["held"] < sm["runs"]:
+        return [f"Next: {sm['runs'] - sm['held']} of {sm['runs']} seeds missed the bar, so holding it is "
+                "not yet a property of the recipe: the margin must grow before anything else."]
     if not s["holds_bar"] and s["judged"] and facts["augmented"] and facts["scheduled"]:
         return ["Next: the bar is not held by this run, with augmentation and an LR schedule already "
                 "in place; the margin must come from the recipe or the model, not from more epochs."]
-    return ["Next: " + " ".join(next_text.split())]
+    return ["Next: " + " ".join(facts["next"].split())]
 
 
 def analyze(s, history, facts, prev=None, seeds=None, ablation=None):
@@ -706,7 +706,7 @@ def analyze(s, history, facts, prev=None, seeds=None, ablation=None):
             + stability_sentences(s) + previous_sentences(s, params, prev)
             + rotated_sentences(facts["step"], facts["rotated"], facts["prev_rotated"])
             + seeds_sentences(seeds) + ablation_sentences(ablation)
-            + next_sentences(s, dict(facts, ablation=ablation is not None), facts["next"], seeds))
+            + next_sentences(s, facts, seeds, ablation))
 
 
 def seed_list(seeds):
