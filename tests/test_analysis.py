@@ -149,12 +149,19 @@ def test_missing_previous_record_is_said_in_the_target(tmp_path):
 def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
     plain = analysis([99.5] * 3, [99.0] * 3)[-1]
     assert "--seeds" in plain and "--ablate" in plain
-    measured = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.50]),
+    measured = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.50, 99.55]),
                         ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
     assert measured == "Next: trim it."
+    thin = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.50]),
+                    ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
+    assert thin.startswith("Next: all 2 seeds held, but their mean lowest of last 3 (99.47") and "trim" not in thin
     one_missed = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.38]),
                           ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
     assert one_missed.startswith("Next: 1 of 2 seeds missed the bar") and "trim" not in one_missed
+
+
+def test_next_step_of_a_run_too_short_to_judge_is_to_train_longer():
+    assert analysis([99.5], [99.0])[-1] == "Next: train 15 epochs, so the bar can be judged on the last 3."
 
 
 def test_seed_lists_are_written_as_ranges():

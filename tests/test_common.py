@@ -144,6 +144,41 @@ def test_train_yields_each_epoch_with_exact_counts():
     assert all(e["test_total"] == 8 and e["train_total"] == 32 and isinstance(e["test_correct"], int) for e in entries)
 
 
+def test_update_average_moves_weights_and_batchnorm_statistics_towards_the_model():
+    model, averaged = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(4.0)
+    model.num_batches_tracked.fill_(7)
+    common.update_average(averaged, model, decay=0.9, step=1000)  # past the ramp: weight 0.1
+    assert torch.allclose(averaged.weight, torch.full((3,), 1.1))           # 0.9 * 1 + 0.1 * 2
+    assert torch.allclose(averaged.running_mean, torch.full((3,), 0.4))     # 0.9 * 0 + 0.1 * 4
+    assert int(averaged.num_batches_tracked) == 7
+    common.update_average(averaged, model, decay=0.9, step=1)  # the ramp: decay (1 + 1) / (10 + 1)
+    assert torch.allclose(averaged.weight, torch.full((3,), 1.1 + (2 - 1.1) * 9 / 11))
+
+
+def test_weight_averaging_changes_what_is_tested_not_how_the_model_trains():
+    data = common.Data(torch.rand(32, 1, 28, 28), torch.arange(32) % 10, torch.rand(8, 1, 28, 28),
+                       torch.arange(8) % 10, (0.5, 0.25), {})
+    plain = common.Recipe(epochs=2, batch_size=8, lr=0.1)
+    runs = [list(common.train(linear_model, r, data, seed=0))
+            for r in (plain, common.dataclasses.replace(plain, ema_decay=0.99))]
+    (model, plain_entry), (averaged, averaged_entry) = runs[0][-1], runs[1][-1]
+    assert plain_entry["train_loss"] == averaged_entry["train_loss"]
+    assert not torch.equal(model[1].weight, averaged[1].weight)
+    loss, correct = common.evaluate(averaged, data.test_images, data.test_labels, data.norm)
+    assert averaged_entry["test_loss"] == round(loss, 6) != plain_entry["test_loss"]
+    assert averaged_entry["test_correct"] == correct
+
+
+def test_a_record_from_before_a_recipe_field_existed_reads_as_its_default():
+    fields = common.dataclasses.asdict(common.Recipe(lr=0.1))
+    del fields["ema_decay"]
+    assert common.recorded_recipe(fields) == common.Recipe(lr=0.1)
+    assert common.recorded_recipe({**fields, "no_such_field": 1}) is None
+
+
 def test_confusion_matrix_counts_true_by_predicted():
     m = common.confusion_matrix(torch.tensor([1, 1, 2, 3]), torch.tensor([1, 2, 2, 3]))
     assert m[2, 1] == 1 and m.trace() == 3 and m.sum() == 4

@@ -20,7 +20,7 @@ def load(n):
 def committed_recipe(recipe, record, **changes):
     """The recipe as a run on the record's device resolves it."""
     precision = common.resolve_precision(recipe.precision, torch.device(record["device"]))
-    return common.dataclasses.asdict(common.dataclasses.replace(recipe, precision=precision, **changes))
+    return common.dataclasses.replace(recipe, precision=precision, **changes)
 
 
 def numbers(o):
@@ -55,7 +55,7 @@ def test_record_matches_the_model_and_its_log(n):
     model = common.make_net(step.Net, step.RECIPE)
     assert record["params"] == common.count_params(model)
     assert record["layers"] == common.layer_table(model)
-    assert record["recipe"] == committed_recipe(step.RECIPE, record, epochs=len(record["history"]))
+    assert common.recorded_recipe(record["recipe"]) == committed_recipe(step.RECIPE, record, epochs=len(record["history"]))
     assert len(record["history"]) == 15
     log = (LOGS / f"step{n}.log").read_text()
     assert "\r" not in log and f"Parameters: {record['params']:,}" in log
@@ -95,7 +95,7 @@ def test_step4_run_and_seed_1_of_the_sweep_are_one_computation():
 def test_seed_record_covers_twenty_seeds_of_the_committed_recipe():
     record = json.loads((LOGS / "step4_seeds.json").read_text())
     import step4
-    assert record["recipe"] == committed_recipe(step4.RECIPE, record)
+    assert common.recorded_recipe(record["recipe"]) == committed_recipe(step4.RECIPE, record)
     assert [r["seed"] for r in record["runs"]] == list(range(1, 21))
     assert all(len(r["history"]) == 15 for r in record["runs"])
 
@@ -103,7 +103,7 @@ def test_seed_record_covers_twenty_seeds_of_the_committed_recipe():
 def test_ablation_record_has_three_seeds_per_declared_change():
     record = json.loads((LOGS / "step4_ablation.json").read_text())
     import step4
-    assert record["recipe"] == committed_recipe(step4.RECIPE, record)
+    assert common.recorded_recipe(record["recipe"]) == committed_recipe(step4.RECIPE, record)
     assert [v["name"] for v in record["variants"]] == ["full recipe"] + list(step4.CHANGES)
     assert all(len(v["runs"]) >= 3 for v in record["variants"])
 
