@@ -873,9 +873,12 @@ def usable_record(path, check):
 
 
 def check_single(record):
+    """Raise if a single run's record lacks what its readers use (usable_record's `check`)."""
     summarize(record["history"])
     percent(record["rotated_test"]["correct"], record["rotated_test"]["total"])
-    f"{record['params']:,} {record['step']:d}"  # both must be integers
+    for key in ("params", "step"):
+        if not isinstance(record[key], int):
+            raise TypeError(f"{key} is not an integer")
 
 
 def _write_hidden(path, data, suffix):

@@ -1,4 +1,7 @@
 """The Analysis rules on hand-made histories: each sentence must match the numbers."""
+import json
+from pathlib import Path
+
 import pytest
 
 import common
@@ -158,6 +161,19 @@ def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
     one_missed = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.38]),
                           ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
     assert one_missed.startswith("Next: 1 of 2 seeds missed the bar") and "trim" not in one_missed
+
+
+def test_a_record_whose_counts_are_not_integers_is_treated_as_missing(tmp_path):
+    record = json.loads((Path(__file__).parent.parent / "logs" / "step3.json").read_text())
+    assert common.usable_record(write_json(tmp_path / "ok.json", record), common.check_single)[1] is None
+    bad = write_json(tmp_path / "step3.json", {**record, "params": "9,246"})
+    found, why = common.usable_record(bad, common.check_single)
+    assert found is None and "params is not an integer" in why and "treated as missing" in why
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
 
 
 def test_next_step_of_a_run_too_short_to_judge_is_to_train_longer():
