@@ -121,7 +121,7 @@ class Recipe:
 
 
 def recorded_recipe(fields):
-    """The Recipe a record's "recipe" dict describes, or None if it names a field Recipe lacks.
+    """The Recipe a record's "recipe" dict describes, or None if it is not a dict of Recipe fields.
     A field the dict lacks was added to Recipe after the record was written, and its default is
     what that run did: each new field's default is the behaviour from before it existed."""
     try:
@@ -362,22 +362,29 @@ def make_optimizer(model, recipe, steps_per_epoch):
         optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch)
 
 
-def update_average(averaged, model, decay, step):
-    """Move `averaged` (a copy of `model`) a step towards `model`: an exponential moving average
-    of the weights and the BatchNorm statistics. The decay ramps up from 0.1 at step 1, so the
-    average forgets the random initial weights within the first epoch."""
+def average_pairs(averaged, model):
+    """(average, model) tensor pairs from the two state_dicts, weights and BatchNorm statistics.
+    Made once a run: the tensors share storage with the modules, which update them in place."""
+    return list(zip(averaged.state_dict().values(), model.state_dict().values()))
+
+
+def update_average(pairs, decay, step):
+    """Move each average a step towards its model tensor: an exponential moving average. The decay
+    ramps up from 0.1 at step 1, so the average forgets the random initial weights within the
+    first epoch."""
     weight = 1 - min(decay, (1 + step) / (10 + step))
-    for mean, now in zip(averaged.state_dict().values(), model.state_dict().values()):
+    for mean, now in pairs:
         if mean.is_floating_point():
             mean.lerp_(now, weight)
         else:
             mean.copy_(now)  # BatchNorm's batch counter
 
 
-def train_epoch(model, optimizer, scheduler, batches, precision, averaged=None, decay=0.0, steps_done=0):
+def train_epoch(model, optimizer, scheduler, batches, precision, average=None, decay=0.0, steps_done=0):
     """One pass over `batches`. Returns {"loss", "correct", "total", "lr"} (loss: mean over the
-    images; lr: the last one used); raises Diverged at the first non-finite loss. With `averaged`,
-    each step also moves it towards `model` (update_average; `steps_done`: steps before this epoch)."""
+    images; lr: the last one used); raises Diverged at the first non-finite loss. With `average`
+    (average_pairs), each step also moves the average (update_average; `steps_done`: steps before
+    this epoch)."""
     model.train()
     device = next(model.parameters()).device
     losses, correct, total = [], torch.zeros((), dtype=torch.long, device=device), 0
@@ -392,8 +399,8 @@ def train_epoch(model, optimizer, scheduler, batches, precision, averaged=None, 
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.detach() * len(labels))  # kept on the device: no sync a batch
-        if averaged is not None:
-            update_average(averaged, model, decay, steps_done + len(losses))
+        if average is not None:
+            update_average(average, decay, steps_done + len(losses))
         correct += (out.argmax(1) == labels).sum()
         total += len(labels)
         if len(losses) % CHECK_EVERY == 0:
@@ -436,8 +443,8 @@ def train(Net, recipe, data, seed, progress=False):
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # shuffling and augmentation, device-independent
     model = make_net(Net, recipe).to(data.train_images.device)
-    averaged = copy.deepcopy(model) if recipe.ema_decay else None
-    tested = model if averaged is None else averaged
+    tested = copy.deepcopy(model) if recipe.ema_decay else model
+    average = average_pairs(tested, model) if recipe.ema_decay else None
     steps = math.ceil(len(data.train_labels) / recipe.batch_size)
     optimizer, scheduler = make_optimizer(model, recipe, steps)
     for epoch in range(1, recipe.epochs + 1):
@@ -448,7 +455,7 @@ def train(Net, recipe, data, seed, progress=False):
             epoch_batches = tqdm(epoch_batches, total=steps, desc=f"epoch {epoch}/{recipe.epochs}", leave=False)
         try:
             stats = train_epoch(model, optimizer, scheduler, epoch_batches, recipe.precision,
-                                averaged, recipe.ema_decay, (epoch - 1) * steps)
+                                average, recipe.ema_decay, (epoch - 1) * steps)
         except Diverged as e:
             raise Diverged(e.batch, e.loss, epoch) from None
         trained = time.perf_counter()
@@ -729,7 +736,7 @@ def next_sentences(s, facts, seeds=None, ablation=None):
         return [f"Next: all {sm['runs']} seeds held, but their mean lowest of last {LAST_N} "
                 f"({sm['low'][0]:.2f}) is under {SEED_MARGIN:.2f}, so a seed not yet tried can still "
                 "miss: the margin must grow before anything else."]
-    if not s["holds_bar"] and s["judged"] and facts["augmented"] and facts["scheduled"]:
+    if not s["holds_bar"] and facts["augmented"] and facts["scheduled"]:
         return ["Next: the bar is not held by this run, with augmentation and an LR schedule already "
                 "in place; the margin must come from the recipe or the model, not from more epochs."]
     return ["Next: " + " ".join(facts["next"].split())]
@@ -1020,7 +1027,7 @@ class Run:
         if why and "not found" not in why:
             self.say(f"note: {why}.")
         params = count_params(make_net(self.step.Net, self.recipe))
-        if record and recorded_recipe(record.get("recipe", {})) == self.recipe and record.get("params") == params:
+        if record and recorded_recipe(record.get("recipe")) == self.recipe and record.get("params") == params:
             return record
         return None
 

@@ -150,11 +150,12 @@ def test_update_average_moves_weights_and_batchnorm_statistics_towards_the_model
         model.weight.fill_(2.0)
         model.running_mean.fill_(4.0)
     model.num_batches_tracked.fill_(7)
-    common.update_average(averaged, model, decay=0.9, step=1000)  # past the ramp: weight 0.1
+    pairs = common.average_pairs(averaged, model)
+    common.update_average(pairs, decay=0.9, step=1000)  # past the ramp: weight 0.1
     assert torch.allclose(averaged.weight, torch.full((3,), 1.1))           # 0.9 * 1 + 0.1 * 2
     assert torch.allclose(averaged.running_mean, torch.full((3,), 0.4))     # 0.9 * 0 + 0.1 * 4
     assert int(averaged.num_batches_tracked) == 7
-    common.update_average(averaged, model, decay=0.9, step=1)  # the ramp: decay (1 + 1) / (10 + 1)
+    common.update_average(pairs, decay=0.9, step=1)  # the ramp: decay (1 + 1) / (10 + 1)
     assert torch.allclose(averaged.weight, torch.full((3,), 1.1 + (2 - 1.1) * 9 / 11))
 
 
@@ -177,6 +178,7 @@ def test_a_record_from_before_a_recipe_field_existed_reads_as_its_default():
     del fields["ema_decay"]
     assert common.recorded_recipe(fields) == common.Recipe(lr=0.1)
     assert common.recorded_recipe({**fields, "no_such_field": 1}) is None
+    assert common.recorded_recipe(None) is None
 
 
 def test_confusion_matrix_counts_true_by_predicted():
