@@ -1,0 +1,157 @@
+"""Model search on a validation split: train candidate skeletons with step 4's recipe on the
+first 50,000 training images and measure, every epoch, on the last 10,000 (the test set is not
+touched). One JSON record per (candidate, seed) under logs/search/; a finished record is never
+run again, so the search can be stopped and resumed.
+
+    python search.py --data-dir DIR --runs U10:1-4 P5:1-4    # train those candidates and seeds
+    python search.py --report                                # the size-against-margin table and PNG
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import common
+import step4
+
+VALIDATION = 10_000       # the last this many training images are the validation split
+OUT = Path("logs/search")
+
+
+def unpadded(c1, c2, t, m, w, n_mid=4):
+    """Step 3's skeleton at other widths: two 3x3 (c1, c2), pool, 1x1 to t, n_mid unpadded 3x3 at
+    m channels (RF 22 on a 4x4 map for n_mid=4), an optional widening 1x1 to w, GAP, 1x1 to 10."""
+    layers = [common.conv_block(1, c1), common.conv_block(c1, c2), common.MaxPool2d(2),
+              common.conv_block(c2, t, kernel=1)]
+    layers += [common.conv_block(t if i == 0 else m, m) for i in range(n_mid)]
+    last = m
+    if w:
+        layers.append(common.conv_block(m, w, kernel=1))
+        last = w
+    return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(last, 10, 1)]
+
+
+def padded(a, b, c):
+    """Three padded 3x3 convs per block at 28, 14 and 7 pixels, a max-pool between blocks, GAP,
+    1x1 to 10."""
+    layers, c_in = [], 1
+    for i, width in enumerate((a, b, c)):
+        if i:
+            layers.append(common.MaxPool2d(2))
+        for _ in range(3):
+            layers.append(common.conv_block(c_in, width, padding=1))
+            c_in = width
+    return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, 10, 1)]
+
+
+CANDIDATES = {  # name -> the layers' builder and its widths
+    "U14": (unpadded, (8, 16, 12, 14, 32)),   # step 3's Net today: 9,246 parameters
+    "U12": (unpadded, (8, 16, 12, 12, 32)),
+    "U10": (unpadded, (8, 16, 12, 10, 28)),
+    "U10s": (unpadded, (8, 14, 10, 10, 24)),
+    "U8": (unpadded, (8, 16, 12, 8, 32)),
+    "P5": (padded, (5, 10, 10)),
+    "P4": (padded, (4, 8, 8)),
+}
+
+
+class Candidate(nn.Module):
+    def __init__(self, name, dropout=0.0):  # step 4 trains without dropout
+        super().__init__()
+        build, widths = CANDIDATES[name]
+        self.layers = nn.Sequential(*build(*widths), nn.Flatten(), nn.LogSoftmax(dim=1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def validation_data(data_dir):
+    """The first 50,000 training images to train on, the last 10,000 as the 'test' split;
+    normalised with the statistics of the 50,000."""
+    raw = common.load_mnist(data_dir)
+    images, labels = raw["train_images"], raw["train_labels"]
+    cut = len(labels) - VALIDATION
+    stats = common.data_stats(images[:cut], labels[:cut])
+    return common.Data(*common.to_device(images[:cut], labels[:cut], "cpu"),
+                       *common.to_device(images[cut:], labels[cut:], "cpu"),
+                       norm=(stats["mean"], stats["std"]), stats=stats)
+
+
+def run_one(name, seed, data, recipe):
+    path = OUT / f"{name}_seed{seed}.json"
+    if path.exists():
+        return
+    start, history = time.perf_counter(), []
+    for _, entry in common.train(functools.partial(Candidate, name), recipe, data, seed):
+        history.append(entry)
+        print(f"{name} seed {seed}: {common.epoch_line(entry, recipe.epochs)}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"candidate": name, "widths": CANDIDATES[name][1], "builder": CANDIDATES[name][0].__name__,
+              "params": common.count_params(Candidate(name)), "seed": seed, "split": "train[:50000] / train[50000:]",
+              "recipe": dataclasses.asdict(recipe), "threads": torch.get_num_threads(), "cpu": common.cpu_name(),
+              "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
+              "wall_seconds": round(time.perf_counter() - start, 1), "history": history}
+    OUT.mkdir(parents=True, exist_ok=True)
+    common.write_file(path, json.dumps(record, indent=1))
+
+
+def records():
+    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+
+
+def report():
+    """Per candidate: params, each seed's lowest of the last 3 (validation), mean and its SE."""
+    by_name = {}
+    for r in records():
+        by_name.setdefault(r["candidate"], []).append(r)
+    rows = []
+    for name, runs in sorted(by_name.items(), key=lambda kv: -kv[1][0]["params"]):
+        runs.sort(key=lambda r: r["seed"])
+        lows = [common.summarize(r["history"])["last_min"] for r in runs]
+        mean, std = common.mean_std(lows)
+        rows.append((name, runs[0]["params"], [(r["seed"], low) for r, low in zip(runs, lows)], mean,
+                     std / len(lows) ** 0.5))
+    for name, params, lows, mean, se in rows:
+        per_seed = " / ".join(f"{s}:{v:.2f}" for s, v in lows)
+        print(f"{name:6} {params:6,} params  mean lowest-of-last-3 {mean:.3f} (SE {se:.3f})  {per_seed}")
+    return rows
+
+
+def parse_runs(items):
+    jobs = []
+    for item in items:
+        name, _, seeds = item.partition(":")
+        if name not in CANDIDATES:
+            raise SystemExit(f"search.py: error: unknown candidate {name!r}; choose from {', '.join(CANDIDATES)}")
+        jobs += [(name, s) for s in common.seed_range(seeds)]
+    return jobs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data"))
+    parser.add_argument("--runs", nargs="*", default=[], help="NAME:SEEDS, e.g. U10:1-4")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        report()
+        return
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    data = validation_data(args.data_dir)
+    for name, seed in parse_runs(args.runs):
+        run_one(name, seed, data, step4.RECIPE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
