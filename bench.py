@@ -3,9 +3,9 @@ ours, interleaved epoch by epoch in one run so that all see the same machine. Ea
 training pass plus a test pass. The rows add one thing at a time:
 
   plain: per-image RandomAffine (the same rotation and shift), ToTensor, Normalize, DataLoader,
-         fp32, torch's own nn.MaxPool2d
-  ours:  the dataset as one tensor on the device, batched affine_grid + grid_sample, fp32
-  + common.MaxPool2d (channels-last max-pool on CPU, same numbers): what the steps run
+         fp32
+  ours:  the dataset as one tensor on the device, batched affine_grid + grid_sample, fp32:
+         what the steps run
   + bf16 autocast for training (--precision bf16; the test pass stays fp32)
 
     python bench.py --data-dir ../shared/data --epochs 3
@@ -17,23 +17,14 @@ import statistics
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import common
+import report
+import runner
 import step4
-
-
-def with_stock_pool(model):
-    """The same model with torch's nn.MaxPool2d in place of common.MaxPool2d."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, common.MaxPool2d):
-                setattr(module, name, nn.MaxPool2d(child.kernel_size, child.stride, child.padding,
-                                                   child.dilation, ceil_mode=child.ceil_mode))
-    return model
 
 
 def plain_epoch(model, optimizer, scheduler, train_loader, test_loader, device):
@@ -69,8 +60,8 @@ def main():
     args = parser.parse_args()
     if args.epochs < 1 or args.workers < 0:
         parser.error("--epochs must be at least 1 and --workers at least 0")
-    if common.device_problem(args.device):
-        parser.error(f"argument --device: {common.device_problem(args.device)}")
+    if runner.device_problem(args.device):
+        parser.error(f"argument --device: {runner.device_problem(args.device)}")
     device = torch.device(args.device)
     torch.set_flush_denormal(True)  # as the steps do, for every pipeline
     recipe = step4.RECIPE
@@ -87,24 +78,21 @@ def main():
     train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=args.workers)
     test_loader = DataLoader(test_set, batch_size=1000, num_workers=args.workers)
 
-    pipelines = {  # name -> (pipeline, precision, torch's own max-pool?)
-        "plain: DataLoader, per-image affine, fp32": ("plain", "fp32", True),
-        "ours: tensors, batched affine, fp32": ("ours", "fp32", True),
-        "ours + common.MaxPool2d": ("ours", "fp32", False),
-        "ours + common.MaxPool2d + bf16 autocast": ("ours", "bf16", False),
+    pipelines = {  # name -> (pipeline, precision)
+        "plain: DataLoader, per-image affine, fp32": ("plain", "fp32"),
+        "ours: tensors, batched affine, fp32": ("ours", "fp32"),
+        "ours + bf16 autocast": ("ours", "bf16"),
     }
     runs = {}
-    for name, (kind, precision, stock_pool) in pipelines.items():
+    for name, (kind, precision) in pipelines.items():
         torch.manual_seed(1)
         r = dataclasses.replace(recipe, precision=precision)
         model = common.make_net(step4.Net, r).to(device)
-        if stock_pool:
-            model = with_stock_pool(model)
         optimizer, scheduler = common.make_optimizer(model, dataclasses.replace(r, epochs=args.epochs),
                                                      len(train_loader))
         runs[name] = (kind, r, model, optimizer, scheduler, torch.Generator().manual_seed(1), [], [])
     print(f"step 4 Net ({common.count_params(step4.Net()):,} parameters), batch {recipe.batch_size}, "
-          f"device {device}, {torch.get_num_threads()} CPU threads ({common.cpu_name()}), torch "
+          f"device {device}, {torch.get_num_threads()} CPU threads ({report.cpu_name()}), torch "
           f"{torch.__version__}, {args.epochs} epochs each, interleaved")
     for epoch in range(1, args.epochs + 1):
         for name, (kind, r, model, optimizer, scheduler, g, times, accs) in runs.items():
@@ -118,9 +106,7 @@ def main():
             times.append(time.perf_counter() - start)  # both end in a host sync (.item())
             accs.append(acc)
             print(f"epoch {epoch} {name:<46} {times[-1]:6.1f} s  test {acc:.2f}", flush=True)
-    # the row a step runs on this device: --precision auto, and common.MaxPool2d (which is
-    # nn.MaxPool2d off the CPU)
-    steps_row = ("ours", common.resolve_precision("auto", device), device.type != "cpu")
+    steps_row = ("ours", common.resolve_precision("auto", device))  # what a step runs: --precision auto
     base = statistics.mean(next(iter(runs.values()))[6])
     print(f"\n{'pipeline':<46} {'s/epoch':>8} {'speed-up':>9}")
     for name, run in runs.items():

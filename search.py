@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import torch
 import torch.nn as nn
 
 import common
+import report
+import runner
 import step4
 
 VALIDATION = 10_000       # the last this many training images are the validation split
@@ -31,7 +32,7 @@ OUT = Path("logs/search")
 def unpadded(c1, c2, t, m, w, n_mid=4):
     """Step 3's skeleton at other widths: two 3x3 (c1, c2), pool, 1x1 to t, n_mid unpadded 3x3 at
     m channels (RF 22 on a 4x4 map for n_mid=4), an optional widening 1x1 to w, GAP, 1x1 to 10."""
-    layers = [common.conv_block(1, c1), common.conv_block(c1, c2), common.MaxPool2d(2),
+    layers = [common.conv_block(1, c1), common.conv_block(c1, c2), nn.MaxPool2d(2),
               common.conv_block(c2, t, kernel=1)]
     layers += [common.conv_block(t if i == 0 else m, m) for i in range(n_mid)]
     last = m
@@ -47,7 +48,7 @@ def padded(a, b, c):
     layers, c_in = [], 1
     for i, width in enumerate((a, b, c)):
         if i:
-            layers.append(common.MaxPool2d(2))
+            layers.append(nn.MaxPool2d(2))
         for _ in range(3):
             layers.append(common.conv_block(c_in, width, padding=1))
             c_in = width
@@ -94,37 +95,69 @@ def run_one(name, seed, data, recipe):
     start, history = time.perf_counter(), []
     for _, entry in common.train(functools.partial(Candidate, name), recipe, data, seed):
         history.append(entry)
-        print(f"{name} seed {seed}: {common.epoch_line(entry, recipe.epochs)}", flush=True)
+        print(f"{name} seed {seed}: {report.epoch_line(entry, recipe.epochs)}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"candidate": name, "widths": CANDIDATES[name][1], "builder": CANDIDATES[name][0].__name__,
               "params": common.count_params(Candidate(name)), "seed": seed, "split": "train[:50000] / train[50000:]",
-              "recipe": dataclasses.asdict(recipe), "threads": torch.get_num_threads(), "cpu": common.cpu_name(),
+              "recipe": dataclasses.asdict(recipe), "threads": torch.get_num_threads(), "cpu": report.cpu_name(),
               "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
               "wall_seconds": round(time.perf_counter() - start, 1), "history": history}
     OUT.mkdir(parents=True, exist_ok=True)
-    common.write_file(path, json.dumps(record, indent=1))
+    runner.write_file(path, json.dumps(record, indent=1))
 
 
 def records():
     return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
 
 
-def report():
-    """Per candidate: params, each seed's lowest of the last 3 (validation), mean and its SE."""
+def report_rows():
+    """Per candidate, largest first: (name, params, {seed: lowest of the last 3}, mean, SE)."""
     by_name = {}
     for r in records():
         by_name.setdefault(r["candidate"], []).append(r)
     rows = []
     for name, runs in sorted(by_name.items(), key=lambda kv: -kv[1][0]["params"]):
-        runs.sort(key=lambda r: r["seed"])
-        lows = [common.summarize(r["history"])["last_min"] for r in runs]
-        mean, std = common.mean_std(lows)
-        rows.append((name, runs[0]["params"], [(r["seed"], low) for r, low in zip(runs, lows)], mean,
-                     std / len(lows) ** 0.5))
-    for name, params, lows, mean, se in rows:
-        per_seed = " / ".join(f"{s}:{v:.2f}" for s, v in lows)
-        print(f"{name:6} {params:6,} params  mean lowest-of-last-3 {mean:.3f} (SE {se:.3f})  {per_seed}")
+        lows = {r["seed"]: report.summarize(r["history"])["last_min"] for r in sorted(runs, key=lambda r: r["seed"])}
+        mean, std = report.mean_std(list(lows.values()))
+        rows.append((name, runs[0]["params"], lows, mean, std / len(lows) ** 0.5))
     return rows
+
+
+def paired(lows, reference):
+    """Mean and SE of (candidate - reference) over the seeds both ran."""
+    diffs = [low - reference[s] for s, low in lows.items() if s in reference]
+    if len(diffs) < 2:
+        return None
+    mean, std = report.mean_std(diffs)
+    return mean, std / len(diffs) ** 0.5, len(diffs)
+
+
+def plot_curve(rows, path):
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, params, lows, mean, se in rows:
+        ax.errorbar(params, mean, yerr=se, fmt="o", capsize=3, color="tab:blue")
+        ax.plot([params] * len(lows), list(lows.values()), ".", color="tab:blue", alpha=0.3)
+        ax.annotate(f"{name} ({len(lows)})", (params, mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(common.BAR, color="grey", ls="--", lw=1)
+    ax.set(xlabel="parameters", ylabel="lowest of the last 3 (validation, %)",
+           title="Size against margin: mean +- SE over seeds (dots: each seed)")
+    path.write_bytes(report._png(fig))
+
+
+def report_table(reference="U14"):
+    rows = report_rows()
+    ref = next((lows for name, _, lows, _, _ in rows if name == reference), {})
+    print("| candidate | params | seeds | lowest of last 3 per seed | mean | SE | paired vs " + reference + " |")
+    print("|---|---:|---|---|---:|---:|---|")
+    for name, params, lows, mean, se in rows:
+        p = paired(lows, ref) if name != reference else None
+        vs = f"{p[0]:+.3f} (SE {p[1]:.3f}, {p[2]} seeds)" if p else ""
+        per_seed = " / ".join(f"{v:.2f}" for v in lows.values())
+        print(f"| {name} | {params:,} | {report.seed_list(list(lows))} | {per_seed} | {mean:.3f} | {se:.3f} | {vs} |")
+    if rows:
+        plot_curve(rows, OUT / "size_vs_margin.png")
+        print(f"\nwrote {OUT / 'size_vs_margin.png'}")
 
 
 def parse_runs(items):
@@ -133,7 +166,7 @@ def parse_runs(items):
         name, _, seeds = item.partition(":")
         if name not in CANDIDATES:
             raise SystemExit(f"search.py: error: unknown candidate {name!r}; choose from {', '.join(CANDIDATES)}")
-        jobs += [(name, s) for s in common.seed_range(seeds)]
+        jobs += [(name, s) for s in runner.seed_range(seeds)]
     return jobs
 
 
@@ -144,7 +177,7 @@ def main():
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
-        report()
+        report_table()
         return
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)

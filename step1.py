@@ -1,8 +1,10 @@
 """Step 1 - setup and skeleton: data, statistics, loaders, the train/test loop, and a
 deliberately heavy version of the skeleton that every later step keeps."""
-from common import MaxPool2d, Recipe, Step, conv_block, main  # first: it quiets Ctrl-C during imports
+from runner import Step, main  # first: it quiets Ctrl-C while torch imports
 
 import torch.nn as nn
+
+from common import Recipe, conv_block
 
 TARGET = """
 Get the whole pipeline right before the model: read MNIST, measure its statistics (the
@@ -27,7 +29,7 @@ class Net(nn.Module):
         self.layers = nn.Sequential(
             conv_block(1, 8, bn=False),        # 28 -> 26, RF 3
             conv_block(8, 16, bn=False),       # 26 -> 24, RF 5
-            MaxPool2d(2),                      # 24 -> 12, RF 6 (common.MaxPool2d: same numbers, faster on CPU)
+            nn.MaxPool2d(2),                   # 24 -> 12, RF 6
             conv_block(16, 16, kernel=1, bn=False),
             conv_block(16, 32, bn=False),      # 12 -> 10, RF 10
             conv_block(32, 32, bn=False),      # 10 -> 8, RF 14

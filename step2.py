@@ -1,7 +1,9 @@
 """Step 2 - make it light: same skeleton, fewer channels, global average pooling at the output."""
-from common import MaxPool2d, Recipe, Step, conv_block, main  # first: it quiets Ctrl-C during imports
+from runner import Step, main  # first: it quiets Ctrl-C while torch imports
 
 import torch.nn as nn
+
+from common import Recipe, conv_block
 
 TARGET = """
 Step 1's parameters are about 28 times the 10,000 budget, and most of them sit in its 4x4
@@ -28,7 +30,7 @@ class Net(nn.Module):
         self.layers = nn.Sequential(
             conv_block(1, 8, bn=False),        # 28 -> 26, RF 3
             conv_block(8, 16, bn=False),       # 26 -> 24, RF 5
-            MaxPool2d(2),                      # 24 -> 12, RF 6
+            nn.MaxPool2d(2),                   # 24 -> 12, RF 6
             conv_block(16, 12, kernel=1, bn=False),
             conv_block(12, 14, bn=False),      # 12 -> 10, RF 10
             conv_block(14, 14, bn=False),      # 10 -> 8, RF 14

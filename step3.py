@@ -1,7 +1,9 @@
 """Step 3 - BatchNorm after every conv but the last, and a little dropout after the pool."""
-from common import MaxPool2d, Recipe, Step, conv_block, main  # first: it quiets Ctrl-C during imports
+from runner import Step, main  # first: it quiets Ctrl-C while torch imports
 
 import torch.nn as nn
+
+from common import Recipe, conv_block
 
 TARGET = """
 Step 2 is within budget, but its plain convs train slowly: each layer's input scale drifts as the
@@ -25,7 +27,7 @@ class Net(nn.Module):
         self.layers = nn.Sequential(
             conv_block(1, 8),                      # 28 -> 26, RF 3
             conv_block(8, 16),                     # 26 -> 24, RF 5
-            MaxPool2d(2),                          # 24 -> 12, RF 6
+            nn.MaxPool2d(2),                       # 24 -> 12, RF 6
             conv_block(16, 12, kernel=1),
             conv_block(12, 14, dropout=dropout),   # 12 -> 10, RF 10
             conv_block(14, 14, dropout=dropout),   # 10 -> 8, RF 14

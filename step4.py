@@ -1,6 +1,8 @@
 """Step 4 - same model as step 3; random rotations and shifts, a one-cycle LR schedule, smaller
 batches with a little weight decay, and a moving average of the weights for testing."""
-from common import Recipe, Step, main  # first: it quiets Ctrl-C during imports
+from runner import Step, main  # first: it quiets Ctrl-C while torch imports
+
+from common import Recipe
 from step3 import RECIPE as STEP3_RECIPE
 from step3 import Net  # the model is step 3's, unchanged; only how it is trained changes
 

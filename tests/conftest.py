@@ -1,3 +1,4 @@
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import runner  # noqa: E402
+import step4  # noqa: E402
+
 
 
 def write_idx(path, tensor, magic):
@@ -45,3 +50,36 @@ def run_step(step, *args, cwd=ROOT, **kwargs):
     """Run a step script as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / f"step{step}.py"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+FAST = ["--epochs", "1", "--quiet"]
+
+
+@pytest.fixture
+def finished_run(mnist_dir, tmp_path):
+    """One finished 1-epoch run of step 4; returns its log folder."""
+    logs = tmp_path / "logs"
+    result = run_step(4, *FAST, "--data-dir", mnist_dir, "--log-dir", logs)
+    assert result.returncode == 0, result.stderr
+    return logs
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != runner.LOCK_NAME}
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run a step's main() in this process (to inject faults); returns (exit status, stderr)."""
+    handlers = {s: signal.getsignal(s) for s in runner.TERMINATING}
+
+    def run(step, *args):
+        with pytest.raises(SystemExit) as e:
+            runner.main(step, [str(a) for a in args])
+        return e.value.code
+    yield run
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+STEP4 = runner.Step(4, step4.Net, step4.RECIPE, step4.TARGET, step4.NEXT, step4.CHANGES)

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 import common
+import runner
+import report
 
 FACTS_PLAIN = {"step": 2, "params": 7000, "regularised": False, "augmented": False, "scheduled": False,
                "rotated": 97.0, "prev_rotated": None, "next": "normalise it."}
@@ -20,7 +22,7 @@ def history(test, train, total=10_000):
 
 def analysis(test, train, facts=FACTS_AUG, **kw):
     h = history(test, train)
-    return common.analyze(common.summarize(h), h, facts, **kw)
+    return report.analyze(report.summarize(h), h, facts, **kw)
 
 
 def test_overfitting_is_called_out():
@@ -117,8 +119,8 @@ def test_seed_statistics_report_every_seed_and_a_lower_bound():
 
 
 def test_wilson_lower_bound_for_twenty_of_twenty():
-    assert common.wilson_lower(20, 20) == pytest.approx(0.839, abs=0.001)
-    assert common.wilson_lower(0, 5) == pytest.approx(0.0, abs=1e-12)
+    assert report.wilson_lower(20, 20) == pytest.approx(0.839, abs=0.001)
+    assert report.wilson_lower(0, 5) == pytest.approx(0.0, abs=1e-12)
 
 
 def ablation_record(full_lows, without_lows):
@@ -145,8 +147,8 @@ def test_ablation_on_one_seed_calls_nothing_a_gain():
 
 
 def test_missing_previous_record_is_said_in_the_target(tmp_path):
-    record, why = common.usable_record(tmp_path / "step2.json", common.check_single)
-    assert record is None and "was not found" in common.previous_line(3, record, why)
+    record, why = runner.usable_record(tmp_path / "step2.json", report.check_single)
+    assert record is None and "was not found" in report.previous_line(3, record, why)
 
 
 def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
@@ -165,9 +167,9 @@ def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
 
 def test_a_record_whose_counts_are_not_integers_is_treated_as_missing(tmp_path):
     record = json.loads((Path(__file__).parent.parent / "logs" / "step3.json").read_text())
-    assert common.usable_record(write_json(tmp_path / "ok.json", record), common.check_single)[1] is None
+    assert runner.usable_record(write_json(tmp_path / "ok.json", record), report.check_single)[1] is None
     bad = write_json(tmp_path / "step3.json", {**record, "params": "9,246"})
-    found, why = common.usable_record(bad, common.check_single)
+    found, why = runner.usable_record(bad, report.check_single)
     assert found is None and "params is not an integer" in why and "treated as missing" in why
 
 
@@ -181,4 +183,4 @@ def test_next_step_of_a_run_too_short_to_judge_is_to_train_longer():
 
 
 def test_seed_lists_are_written_as_ranges():
-    assert common.seed_list([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
+    assert report.seed_list([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"

@@ -11,24 +11,9 @@ import pytest
 import torch
 
 import common
+import runner
 import step4
-from conftest import ROOT, run_step
-
-FAST = ["--epochs", "1", "--quiet"]
-
-
-@pytest.fixture
-def finished_run(mnist_dir, tmp_path):
-    """One finished 1-epoch run of step 4; returns its log folder."""
-    logs = tmp_path / "logs"
-    result = run_step(4, *FAST, "--data-dir", mnist_dir, "--log-dir", logs)
-    assert result.returncode == 0, result.stderr
-    return logs
-
-
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
+from conftest import FAST, ROOT, STEP4, run_step, snapshot
 
 def test_a_run_writes_log_record_and_weights(finished_run):
     log = (finished_run / "step4.log").read_text()
@@ -205,30 +190,13 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run a step's main() in this process (to inject faults); returns (exit status, stderr)."""
-    handlers = {s: signal.getsignal(s) for s in common.TERMINATING}
-
-    def run(step, *args):
-        with pytest.raises(SystemExit) as e:
-            common.main(step, [str(a) for a in args])
-        return e.value.code
-    yield run
-    for s, h in handlers.items():
-        signal.signal(s, h)
-
-
-STEP4 = common.Step(4, step4.Net, step4.RECIPE, step4.TARGET, step4.NEXT, step4.CHANGES)
-
-
 @pytest.mark.parametrize("fault", [KeyboardInterrupt(), OSError(28, "No space left on device")], ids=["ctrl-c", "disk-full"])
 def test_a_fault_at_the_end_leaves_the_old_set_byte_for_byte(finished_run, mnist_dir, in_process, monkeypatch, capsys, fault):
     before = snapshot(finished_run)
 
     def fail(*args, **kwargs):
         raise fault
-    monkeypatch.setattr(common, "plot_misclassified", fail)  # after weights, record and log are staged
+    monkeypatch.setattr(runner, "plot_misclassified", fail)  # after weights, record and log are staged
     code = in_process(STEP4, *FAST, "--data-dir", mnist_dir, "--log-dir", finished_run)
     err = capsys.readouterr().err
     assert code == (130 if isinstance(fault, KeyboardInterrupt) else 1)
@@ -237,7 +205,7 @@ def test_a_fault_at_the_end_leaves_the_old_set_byte_for_byte(finished_run, mnist
     after = snapshot(finished_run)
     assert {k: v for k, v in after.items() if k in before} == before
     assert set(after) - set(before) == {"step4.partial.log", "step4.partial.pt"}  # the training is kept
-    assert not [p for p in finished_run.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in finished_run.iterdir() if p.name.endswith(".tmp")]  # no temporary files left
     if isinstance(fault, OSError):
         assert "No space left" in err and "Traceback" in after["step4.partial.log"].decode()
 
@@ -250,7 +218,7 @@ def test_an_interrupt_during_the_commit_waits_for_the_new_set(finished_run, mnis
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the renames begin: held back until they end
             renames.append(dst)
         real_replace(src, dst)
-    monkeypatch.setattr(common.os, "replace", replace)
+    monkeypatch.setattr(runner.os, "replace", replace)
     code = in_process(STEP4, *FAST, "--seed", 2, "--data-dir", mnist_dir, "--log-dir", finished_run)
     err = capsys.readouterr().err
     assert code == 130 and "set was complete" in err and "Traceback" not in err
@@ -266,7 +234,7 @@ def test_a_previous_record_that_cannot_be_understood_counts_as_missing(mnist_dir
     (logs / "step3.json").write_text(json.dumps({"history": [{"epoch": 1}]}))
     result = run_step(4, *FAST, "--data-dir", mnist_dir, "--log-dir", logs)
     assert result.returncode == 0, result.stderr
-    assert "could not be understood (KeyError" in (logs / "step4.log").read_text()
+    assert "step3.json could not be understood (params is not an integer)" in (logs / "step4.log").read_text()
 
 
 def test_more_than_fifteen_epochs_warns_and_is_judged_within_fifteen(mnist_dir, tmp_path):

@@ -5,38 +5,18 @@ import torch
 import torch.nn as nn
 
 import common
+import runner
+import report
 from conftest import make_mnist
 
 
 def test_receptive_field_of_a_known_model():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.MaxPool2d(2),
                           nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1))
-    table = common.layer_table(model)
+    table = report.layer_table(model)
     assert [r["rf"] for r in table] == [3, 5, 6, 10, 10 + (10 - 1) * 2]
     assert [r["output"] for r in table] == [[4, 26, 26], [4, 24, 24], [4, 12, 12], [4, 10, 10], [4, 1, 1]]
     assert sum(r["params"] for r in table) == common.count_params(model)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel, stride, padding, ceil_mode, size",
-                         [(2, None, 0, False, 24), (3, 2, 1, False, 13), (2, None, 0, True, 7)])
-def test_max_pool_gives_the_same_values_and_gradients_as_torch(dtype, kernel, stride, padding, ceil_mode, size):
-    torch.manual_seed(0)
-    # ReLU output, as in the nets: many tied zeros, and the tie-breaking must match too
-    x = torch.randn(4, 5, size, size).relu().to(dtype)
-    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours = common.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)(ours_in)
-    ref = nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)(ref_in)
-    grad = torch.randn_like(ref)
-    ours.backward(grad)
-    ref.backward(grad)
-    assert ours.is_contiguous() and torch.equal(ours, ref)
-    assert ours_in.grad.is_contiguous() and torch.equal(ours_in.grad, ref_in.grad)
-
-
-def test_max_pool_counts_as_a_pool_in_the_layer_table():
-    table = common.layer_table(nn.Sequential(nn.Conv2d(1, 4, 3), common.MaxPool2d(2)))
-    assert [r["rf"] for r in table] == [3, 4] and table[1]["output"] == [4, 13, 13]
 
 
 def test_rotate_by_zero_is_identity_and_by_90_turns_the_image():
@@ -144,18 +124,21 @@ def test_train_yields_each_epoch_with_exact_counts():
     assert all(e["test_total"] == 8 and e["train_total"] == 32 and isinstance(e["test_correct"], int) for e in entries)
 
 
-def test_update_average_moves_weights_and_batchnorm_statistics_towards_the_model():
-    model, averaged = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+def test_weight_average_moves_weights_and_batchnorm_statistics_towards_the_model():
+    model = nn.BatchNorm1d(3)
+    average = common.WeightAverage(model, decay=0.9)  # a copy: weight 1, running mean 0
     with torch.no_grad():
         model.weight.fill_(2.0)
         model.running_mean.fill_(4.0)
     model.num_batches_tracked.fill_(7)
-    pairs = common.average_pairs(averaged, model)
-    common.update_average(pairs, decay=0.9, step=1000)  # past the ramp: weight 0.1
+    average.steps = 999
+    average.update()  # step 1000, past the ramp: weight 0.1
+    averaged = average.model
     assert torch.allclose(averaged.weight, torch.full((3,), 1.1))           # 0.9 * 1 + 0.1 * 2
     assert torch.allclose(averaged.running_mean, torch.full((3,), 0.4))     # 0.9 * 0 + 0.1 * 4
     assert int(averaged.num_batches_tracked) == 7
-    common.update_average(pairs, decay=0.9, step=1)  # the ramp: decay (1 + 1) / (10 + 1)
+    average.steps = 0
+    average.update()  # step 1, the ramp: decay (1 + 1) / (10 + 1)
     assert torch.allclose(averaged.weight, torch.full((3,), 1.1 + (2 - 1.1) * 9 / 11))
 
 
@@ -182,23 +165,23 @@ def test_a_record_from_before_a_recipe_field_existed_reads_as_its_default():
 
 
 def test_confusion_matrix_counts_true_by_predicted():
-    m = common.confusion_matrix(torch.tensor([1, 1, 2, 3]), torch.tensor([1, 2, 2, 3]))
+    m = report.confusion_matrix(torch.tensor([1, 1, 2, 3]), torch.tensor([1, 2, 2, 3]))
     assert m[2, 1] == 1 and m.trace() == 3 and m.sum() == 4
-    assert common.most_confused(m) == [(2, 1, 1)]
+    assert report.most_confused(m) == [(2, 1, 1)]
 
 
 def test_write_file_leaves_the_old_file_on_failure(tmp_path):
     path = tmp_path / "f.txt"
-    common.write_file(path, "old")
+    runner.write_file(path, "old")
     with pytest.raises(TypeError):
-        common.write_file(path, 12345)  # not bytes: fails mid-write
+        runner.write_file(path, 12345)  # not bytes: fails mid-write
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
 
 
 def test_ablation_variants_revert_one_change_each():
     import step3
     import step4
-    variants = common.ablation_variants(step4.RECIPE, step4.CHANGES)
+    variants = runner.ablation_variants(step4.RECIPE, step4.CHANGES)
     assert variants[0][2] == step4.RECIPE and len(variants) == len(step4.CHANGES) + 1
     for (name, _, recipe), (change, fields) in zip(variants[1:], step4.CHANGES.items()):
         assert name == change
@@ -277,17 +260,17 @@ def test_a_failed_rename_puts_the_old_set_back(tmp_path, monkeypatch):
     old = {tmp_path / n: n.encode() for n in ("a.pt", "a.json", "a.log")}
     for path, data in old.items():
         path.write_bytes(data)
-    staged = {path: common._write_hidden(path, b"new", "staged") for path in old}
-    real_replace, calls = common.os.replace, []
+    staged = {path: runner._write_hidden(path, b"new", "staged") for path in old}
+    real_replace, calls = runner.os.replace, []
 
     def replace(src, dst):
         calls.append(dst)
         if len(calls) == 4:  # the second new file's rename fails
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
-    monkeypatch.setattr(common.os, "replace", replace)
+    monkeypatch.setattr(runner.os, "replace", replace)
     with pytest.raises(OSError):
-        common.commit(staged)
+        runner.commit(staged)
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in old} == old
     for tmp in staged.values():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import report
 from conftest import ROOT
 
 LOGS = ROOT / "logs"
@@ -54,7 +55,7 @@ def test_record_matches_the_model_and_its_log(n):
     record, step = load(n)
     model = common.make_net(step.Net, step.RECIPE)
     assert record["params"] == common.count_params(model)
-    assert record["layers"] == common.layer_table(model)
+    assert record["layers"] == report.layer_table(model)
     assert common.recorded_recipe(record["recipe"]) == committed_recipe(step.RECIPE, record, epochs=len(record["history"]))
     assert len(record["history"]) == 15
     log = (LOGS / f"step{n}.log").read_text()
@@ -76,7 +77,7 @@ def test_committed_weights_load_and_match_their_hash(n):
 
 def test_step4_record_is_judged_on_epochs_13_to_15_and_its_analysis_says_how_it_went():
     record, _ = load(4)
-    s = common.summarize(record["history"])
+    s = report.summarize(record["history"])
     assert record["params"] < common.PARAM_BUDGET and s["judged"] == [13, 14, 15]
     verdict = "Bar met:" if s["holds_bar"] else "Bar missed:"
     assert [line for line in record["block"]["analysis"] if line.startswith(verdict)]
@@ -112,8 +113,8 @@ def test_readme_quotes_the_committed_numbers():
     readme = (ROOT / "README.md").read_text()
     for n in STEPS:
         record, _ = load(n)
-        s = common.summarize(record["history"])
+        s = report.summarize(record["history"])
         assert f"{s['final_test']:.2f}" in readme and f"{record['params']:,}" in readme
-    seeds = common.seed_summary(json.loads((LOGS / "step4_seeds.json").read_text())["runs"])
+    seeds = report.seed_summary(json.loads((LOGS / "step4_seeds.json").read_text())["runs"])
     assert f"{seeds['held']} of {seeds['runs']}" in readme and f"{seeds['worst_low']:.2f}" in readme
     assert f"{seeds['low'][0]:.2f} +- {seeds['low'][1]:.2f}" in readme
