@@ -51,7 +51,7 @@ def ours_epoch(model, optimizer, scheduler, data, recipe, generator):
                           len(data.test_labels))
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data"), help="folder holding MNIST/raw")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per pipeline")
@@ -62,6 +62,29 @@ def main():
         parser.error("--epochs must be at least 1 and --workers at least 0")
     if runner.device_problem(args.device):
         parser.error(f"argument --device: {runner.device_problem(args.device)}")
+    return parser, args
+
+
+def plain_loaders(data_dir, norm, recipe, workers):
+    """torchvision's MNIST through a DataLoader, with the same rotation and shift per image."""
+    to_tensor = [transforms.ToTensor(), transforms.Normalize((norm[0],), (norm[1],))]
+    train_set = datasets.MNIST(data_dir, train=True, transform=transforms.Compose(
+        [transforms.RandomAffine(recipe.max_rotation, translate=(recipe.max_shift / 28,) * 2, fill=0)]
+        + to_tensor))
+    test_set = datasets.MNIST(data_dir, train=False, transform=transforms.Compose(to_tensor))
+    return (DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=workers),
+            DataLoader(test_set, batch_size=1000, num_workers=workers))
+
+
+PIPELINES = {  # name -> (pipeline, precision)
+    "plain: DataLoader, per-image affine, fp32": ("plain", "fp32"),
+    "ours: tensors, batched affine, fp32": ("ours", "fp32"),
+    "ours + bf16 autocast": ("ours", "bf16"),
+}
+
+
+def main():
+    parser, args = parse_args()
     device = torch.device(args.device)
     torch.set_flush_denormal(True)  # as the steps do, for every pipeline
     recipe = step4.RECIPE
@@ -69,22 +92,9 @@ def main():
         data = common.load_data(args.data_dir, device)
     except common.UserError as e:
         parser.exit(1, f"bench.py: error: {e}\n")
-    norm = data.norm
-    to_tensor = [transforms.ToTensor(), transforms.Normalize((norm[0],), (norm[1],))]
-    train_set = datasets.MNIST(args.data_dir, train=True, transform=transforms.Compose(
-        [transforms.RandomAffine(recipe.max_rotation, translate=(recipe.max_shift / 28,) * 2, fill=0)]
-        + to_tensor))
-    test_set = datasets.MNIST(args.data_dir, train=False, transform=transforms.Compose(to_tensor))
-    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, num_workers=args.workers)
-    test_loader = DataLoader(test_set, batch_size=1000, num_workers=args.workers)
-
-    pipelines = {  # name -> (pipeline, precision)
-        "plain: DataLoader, per-image affine, fp32": ("plain", "fp32"),
-        "ours: tensors, batched affine, fp32": ("ours", "fp32"),
-        "ours + bf16 autocast": ("ours", "bf16"),
-    }
+    train_loader, test_loader = plain_loaders(args.data_dir, data.norm, recipe, args.workers)
     runs = {}
-    for name, (kind, precision) in pipelines.items():
+    for name, (kind, precision) in PIPELINES.items():
         torch.manual_seed(1)
         r = dataclasses.replace(recipe, precision=precision)
         model = common.make_net(step4.Net, r).to(device)
@@ -106,12 +116,16 @@ def main():
             times.append(time.perf_counter() - start)  # both end in a host sync (.item())
             accs.append(acc)
             print(f"epoch {epoch} {name:<46} {times[-1]:6.1f} s  test {acc:.2f}", flush=True)
+    print_table(runs, device)
+
+
+def print_table(runs, device):
     steps_row = ("ours", common.resolve_precision("auto", device))  # what a step runs: --precision auto
     base = statistics.mean(next(iter(runs.values()))[6])
     print(f"\n{'pipeline':<46} {'s/epoch':>8} {'speed-up':>9}")
     for name, run in runs.items():
         mean = statistics.mean(run[6])
-        mark = "  <- what the steps run on this device" if pipelines[name] == steps_row else ""
+        mark = "  <- what the steps run on this device" if PIPELINES[name] == steps_row else ""
         print(f"{name:<46} {mean:8.2f} {base / mean:8.2f}x{mark}")
 
 

@@ -140,7 +140,7 @@ def commit(staged):
 
 
 def lock_log_dir(path):
-    """Hold the log folder's lock for the rest of this process, so that no two runs write one
+    """Take the log folder's lock and return its file descriptor, so that no two runs write one
     set; a second run is refused at once, naming the first (waiting would look like a hang)."""
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -151,7 +151,7 @@ def lock_log_dir(path):
         raise UserError(f"{holder} is writing to {path}; wait for it to end, or pass another --log-dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, encoded(f"run {os.getpid()} (python {shlex.join(sys.argv)})"))
-    return fd  # kept open: the lock lasts until the process ends, however it ends
+    return fd  # closing it (or the end of the process, however it ends) releases the lock
 
 
 def clean_stale(path):
@@ -199,6 +199,7 @@ class Run:
     staged: dict = dataclasses.field(default_factory=dict)
     weights: bytes | None = None
     committed: bool = False
+    lock: int | None = None                 # the log folder's lock, held from before the header
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def say(self, line="", always=False):
@@ -641,20 +642,20 @@ def pick_device(name):
     return torch.device(name)
 
 
-def open_log_dir(log_dir):
-    """The log folder, created if missing, locked for this run and cleared of killed runs'
-    hidden files; fails before any training if it cannot take our files."""
-    path = Path(log_dir)
+def open_log_dir(run):
+    """Create the log folder if missing, lock it for this run (run.lock) and clear it of killed
+    runs' hidden files; fails before any training if it cannot take our files."""
+    path = Path(run.args.log_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"--log-dir {path} is a file, not a folder; pass a folder (it is created if missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        lock_log_dir(path)
+        run.lock = lock_log_dir(path)
         _write_hidden(path / "write-test", b"", "probe").unlink()
     except OSError as e:
         raise UserError(f"cannot write to --log-dir {path} ({e.strerror}); pass a folder you can write to") from None
     clean_stale(path)
-    return path
+    run.log_dir = path
 
 
 # ----------------------------------------------------------------------------- main
@@ -678,7 +679,7 @@ def start(run, mode):
     if run.recipe.batch_size > len(run.data.train_labels):
         raise UserError(f"--batch-size {run.recipe.batch_size} is larger than the "
                         f"{len(run.data.train_labels):,} training images; pass at most that")
-    run.log_dir = open_log_dir(run.args.log_dir)
+    open_log_dir(run)
     for line in header_lines(run, mode, job_threads(run.args.jobs)):
         run.say(line)
     for line in input_warnings(run):
@@ -707,6 +708,9 @@ def main(step, argv=None):
             signal.signal(sig, signal.SIG_IGN)  # the run is done: a signal now cannot interrupt the exit
     except BaseException as e:  # noqa: B036 - every way out gets one line, never a traceback
         sys.exit(report_failure(run, e))
+    finally:
+        if run.lock is not None:
+            os.close(run.lock)  # the run, partial files included, is written: the folder is free
 
 
 def report_failure(run, error):
@@ -717,7 +721,7 @@ def report_failure(run, error):
     if isinstance(error, SystemExit):
         return error.code
     if isinstance(error, UserError):
-        kept = run.keep_partial(f"stopped: {error}")
+        kept = run.keep_partial(str(error))
         print(f"{prog}: error: {error}" + ("" if kept == "Nothing was written." else f". {kept}"), file=sys.stderr)
         return 1
     if isinstance(error, Diverged):

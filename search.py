@@ -139,7 +139,8 @@ def plot_curve(rows, path):
         ax.errorbar(params, mean, yerr=se, fmt="o", capsize=3, color="tab:blue")
         ax.plot([params] * len(lows), list(lows.values()), ".", color="tab:blue", alpha=0.3)
         ax.annotate(f"{name} ({len(lows)})", (params, mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.axhline(common.BAR, color="grey", ls="--", lw=1)
+    ax.axhline(common.BAR, color="grey", ls="--", lw=1, label=f"{common.BAR:.2f}: the bar's level (judged on the test set)")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set(xlabel="parameters", ylabel="lowest of the last 3 (validation, %)",
            title="Size against margin: mean +- SE over seeds (dots: each seed)")
     path.write_bytes(report._png(fig))

@@ -117,6 +117,9 @@ def test_a_killed_runs_hidden_files_are_cleaned_and_a_lost_file_put_back(finishe
 def test_a_signal_after_a_finished_run_cannot_interrupt_the_exit(mnist_dir, tmp_path, in_process):
     runner.main(STEP4, [*FAST, "--data-dir", str(mnist_dir), "--log-dir", str(tmp_path / "logs")])
     assert all(signal.getsignal(s) == signal.SIG_IGN for s in runner.TERMINATING)
+    # and the run's lock on the folder ended with it: a second run in this process may write there
+    runner.main(STEP4, [*FAST, "--seed", "2", "--data-dir", str(mnist_dir), "--log-dir", str(tmp_path / "logs")])
+    assert json.loads((tmp_path / "logs" / "step4.json").read_text())["seed"] == 2
 
 
 # 5. names that are not UTF-8

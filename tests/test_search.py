@@ -1,0 +1,33 @@
+import json
+
+import common
+import search
+import step3
+
+
+def test_the_reference_candidate_is_step_3s_net():
+    ours, theirs = search.Candidate("U14").state_dict(), step3.Net().state_dict()
+    assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
+    assert common.count_params(search.Candidate("U14")) == common.count_params(step3.Net())
+
+
+def test_every_candidate_but_the_reference_is_within_6000_parameters():
+    for name in search.CANDIDATES:
+        assert (common.count_params(search.Candidate(name)) <= 6_000) == (name not in ("U14", "U12")), name
+
+
+def test_the_report_pairs_candidates_by_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "OUT", tmp_path)
+
+    def record(name, seed, last):  # a 3-epoch history whose lowest validation count is `last`
+        history = [{"epoch": e, "test_correct": c, "test_total": 10_000, "train_correct": 1, "train_total": 2,
+                    "seconds": 1.0} for e, c in enumerate([9_950, last, 9_960], 1)]
+        (tmp_path / f"{name}_seed{seed}.json").write_text(json.dumps(
+            {"candidate": name, "params": common.count_params(search.Candidate(name)), "seed": seed, "history": history}))
+    for seed, (ref, small) in enumerate([(9_945, 9_940), (9_950, 9_940), (9_948, 9_941)], 1):
+        record("U14", seed, ref)
+        record("U10", seed, small)
+    rows = {name: (lows, mean) for name, _, lows, mean, _ in search.report_rows()}
+    assert rows["U10"][0] == {1: 99.40, 2: 99.40, 3: 99.41}
+    diff, se, n = search.paired(rows["U10"][0], rows["U14"][0])
+    assert n == 3 and round(diff, 4) == round((-0.05 - 0.10 - 0.07) / 3, 4) and se > 0
