@@ -64,6 +64,11 @@ CANDIDATES = {  # name -> the layers' builder and its widths
     "P5": (padded, (5, 10, 10)),
     "P4": (padded, (4, 8, 8)),
 }
+RECIPE_CHANGES = {  # name -> changes to step 4's recipe; a candidate not named here trains with it as is
+    # constant LR 0.01 with the moving average: +0.05 (1.7 SE) on the 9,246-parameter model in the ablation
+    "U10c": {"schedule": "constant", "lr": 0.01},
+}
+CANDIDATES["U10c"] = CANDIDATES["U10"]
 
 
 class Candidate(nn.Module):
@@ -184,7 +189,7 @@ def main():
     torch.set_flush_denormal(True)
     data = validation_data(args.data_dir)
     for name, seed in parse_runs(args.runs):
-        run_one(name, seed, data, step4.RECIPE)
+        run_one(name, seed, data, dataclasses.replace(step4.RECIPE, **RECIPE_CHANGES.get(name, {})))
 
 
 if __name__ == "__main__":
