@@ -93,7 +93,7 @@ def validation_data(data_dir):
                        norm=(stats["mean"], stats["std"]), stats=stats)
 
 
-def run_one(name, seed, data, recipe):
+def run_one(name, seed, data, recipe, commit):
     path = OUT / f"{name}_seed{seed}.json"
     if path.exists():
         return
@@ -101,7 +101,6 @@ def run_one(name, seed, data, recipe):
     for _, entry in common.train(functools.partial(Candidate, name), recipe, data, seed):
         history.append(entry)
         print(f"{name} seed {seed}: {report.epoch_line(entry, recipe.epochs)}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"candidate": name, "widths": CANDIDATES[name][1], "builder": CANDIDATES[name][0].__name__,
               "params": common.count_params(Candidate(name)), "seed": seed, "split": "train[:50000] / train[50000:]",
               "recipe": dataclasses.asdict(recipe), "threads": torch.get_num_threads(), "cpu": report.cpu_name(),
@@ -188,8 +187,10 @@ def main():
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     data = validation_data(args.data_dir)
+    # the code this process runs: HEAD now, not when a run ends (a later commit may land meanwhile)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for name, seed in parse_runs(args.runs):
-        run_one(name, seed, data, dataclasses.replace(step4.RECIPE, **RECIPE_CHANGES.get(name, {})))
+        run_one(name, seed, data, dataclasses.replace(step4.RECIPE, **RECIPE_CHANGES.get(name, {})), commit)
 
 
 if __name__ == "__main__":
