@@ -210,9 +210,15 @@ def to_device(images, labels, device):
     return images.to(device).unsqueeze(1).float().div_(255), labels.to(device)
 
 
-def load_data(data_dir, device, download=False):
-    """The whole dataset as one set of tensors on the device, with its measured statistics."""
+def load_data(data_dir, device, download=False, validation=0):
+    """The whole dataset as one set of tensors on the device, with its measured statistics. With
+    `validation`, the last that many training images take the test set's place (it is not read),
+    and the statistics are those of the training images that remain."""
     raw = load_mnist(data_dir, download)
+    if validation:
+        cut = len(raw["train_labels"]) - validation
+        raw = {"train_images": raw["train_images"][:cut], "train_labels": raw["train_labels"][:cut],
+               "test_images": raw["train_images"][cut:], "test_labels": raw["train_labels"][cut:]}
     stats = data_stats(raw["train_images"], raw["train_labels"])
     if stats["std"] == 0:  # normalising would divide by zero, and every loss would be NaN
         raise UserError(f"the training images in {Path(data_dir) / 'MNIST' / 'raw'} have one pixel value "

@@ -81,18 +81,6 @@ class Candidate(nn.Module):
         return self.layers(x)
 
 
-def validation_data(data_dir):
-    """The first 50,000 training images to train on, the last 10,000 as the 'test' split;
-    normalised with the statistics of the 50,000."""
-    raw = common.load_mnist(data_dir)
-    images, labels = raw["train_images"], raw["train_labels"]
-    cut = len(labels) - VALIDATION
-    stats = common.data_stats(images[:cut], labels[:cut])
-    return common.Data(*common.to_device(images[:cut], labels[:cut], "cpu"),
-                       *common.to_device(images[cut:], labels[cut:], "cpu"),
-                       norm=(stats["mean"], stats["std"]), stats=stats)
-
-
 def run_one(name, seed, data, recipe, commit):
     path = OUT / f"{name}_seed{seed}.json"
     if path.exists():
@@ -186,7 +174,7 @@ def main():
         return
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    data = validation_data(args.data_dir)
+    data = common.load_data(args.data_dir, torch.device("cpu"), validation=VALIDATION)
     # the code this process runs: HEAD now, not when a run ends (a later commit may land meanwhile)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for name, seed in parse_runs(args.runs):

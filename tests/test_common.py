@@ -276,3 +276,12 @@ def test_a_failed_rename_puts_the_old_set_back(tmp_path, monkeypatch):
     for tmp in staged.values():
         tmp.unlink(missing_ok=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.log", "a.pt"]
+
+
+def test_a_validation_split_replaces_the_test_set_with_the_last_training_images(tmp_path):
+    root = make_mnist(tmp_path / "data", n_train=60, n_test=10)
+    full = common.load_data(root, torch.device("cpu"))
+    split = common.load_data(root, torch.device("cpu"), validation=20)
+    assert torch.equal(split.train_images, full.train_images[:40])
+    assert torch.equal(split.test_images, full.train_images[40:]) and torch.equal(split.test_labels, full.train_labels[40:])
+    assert split.stats["shape"] == [40, 28, 28]
