@@ -61,14 +61,21 @@ CANDIDATES = {  # name -> the layers' builder and its widths
     "U10": (unpadded, (8, 16, 12, 10, 28)),
     "U10s": (unpadded, (8, 14, 10, 10, 24)),
     "U8": (unpadded, (8, 16, 12, 8, 32)),
+    "U11n": (unpadded, (8, 12, 12, 11, 0)),  # 11 channels after the pool, no widening 1x1
     "P5": (padded, (5, 10, 10)),
     "P4": (padded, (4, 8, 8)),
 }
 RECIPE_CHANGES = {  # name -> changes to step 4's recipe; a candidate not named here trains with it as is
     # constant LR 0.01 with the moving average: +0.05 (1.7 SE) on the 9,246-parameter model in the ablation
     "U10c": {"schedule": "constant", "lr": 0.01},
+    # U10 trains at 99.2% on augmented images against 99.4% on validation: it underfits, so
+    # regularise it less (lighter augmentation; no weight decay) or give it more steps (batch 32)
+    "U10a": {"max_rotation": 5.0, "max_shift": 1.0},
+    "U10w": {"weight_decay": 0.0},
+    "U10b": {"batch_size": 32, "lr": 0.05},
 }
-CANDIDATES["U10c"] = CANDIDATES["U10"]
+for name in ("U10c", "U10a", "U10w", "U10b"):
+    CANDIDATES[name] = CANDIDATES["U10"]
 
 
 class Candidate(nn.Module):
