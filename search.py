@@ -73,9 +73,12 @@ RECIPE_CHANGES = {  # name -> changes to step 4's recipe; a candidate not named 
     "U10a": {"max_rotation": 5.0, "max_shift": 1.0},
     "U10w": {"weight_decay": 0.0},
     "U10b": {"batch_size": 32, "lr": 0.05},
+    "U10a3": {"max_rotation": 3.0, "max_shift": 1.0},  # lighter still: does less keep helping?
+    "U8a": {"max_rotation": 5.0, "max_shift": 1.0},    # U10a's recipe on 4,794 parameters
 }
-for name in ("U10c", "U10a", "U10w", "U10b"):
+for name in ("U10c", "U10a", "U10w", "U10b", "U10a3"):
     CANDIDATES[name] = CANDIDATES["U10"]
+CANDIDATES["U8a"] = CANDIDATES["U8"]
 
 
 class Candidate(nn.Module):
