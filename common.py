@@ -1,8 +1,8 @@
 """The ML core of the four steps, in the order a run uses it: the assignment's numbers, the
-recipe, model pieces, data, batches, train, evaluate. A step file builds its `Net` from these
-pieces; `report.py` turns a run into words and pictures, `runner.py` runs it from the command
-line. Nothing here writes a file or touches a signal; the one output is `train`'s optional
-progress bar.
+recipe, model pieces, data, batches, train, evaluate, and what a model is made of (parameters
+and receptive field per layer). A step file builds its `Net` from these pieces; `report.py`
+turns a run into words, pictures and files, `runner.py` runs it from the command line. Nothing
+here writes a file or touches a signal; the one output is `train`'s optional progress bar.
 """
 import copy
 import dataclasses
@@ -107,7 +107,6 @@ def conv_block(c_in, c_out, kernel=3, padding=0, bn=True, dropout=0.0):
     if dropout:
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
-
 
 
 def make_net(Net, recipe):
@@ -373,6 +372,11 @@ def evaluate(model, images, labels, norm):
     return F.nll_loss(out, labels).item(), int((out.argmax(1) == labels).sum())
 
 
+def confusion_matrix(predicted, labels):
+    """10x10 counts, rows = true digit, columns = predicted digit."""
+    return torch.bincount(labels * 10 + predicted, minlength=100).view(10, 10).cpu()
+
+
 def train(Net, recipe, data, seed, progress=False):
     """Train one model from scratch; after each epoch yield (tested model, epoch entry): the
     model as trained, or with recipe.ema_decay its moving average, which is what gets tested."""
@@ -409,6 +413,15 @@ def rotated_copy(images):
     return affine(images, uniform_symmetric(len(images), ROTATED_TEST_DEG, g), torch.zeros(len(images), 2))
 
 
+def train_job(variant, Net, recipe, seed, data):
+    """Train one seed to the end; its history and its rotated-copy count, as plain data."""
+    history = []
+    for model, entry in train(Net, recipe, data, seed):
+        history.append(entry)
+    rotated = evaluate(model, rotated_copy(data.test_images), data.test_labels, data.norm)[1]
+    return {"variant": variant, "seed": seed, "history": history,
+            "rotated_test": {"correct": rotated, "total": len(data.test_labels)}}
+
 
 def percent(correct, total):
     return 100 * correct / total
@@ -419,6 +432,39 @@ def holds_bar(correct, total):
     return correct * 10_000 >= BAR_PER_10K * total
 
 
+# ----------------------------------------------------------------------------- what a model is made of
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
+
+def layer_table(model, input_shape=(1, 1, 28, 28)):
+    """Per leaf layer in call order: name, output shape, parameters, receptive field.
+    The receptive field follows r += (k - 1) * j, j *= stride; a global pool sees everything."""
+    rows = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: rows.append((name, m, i[0].shape, o.shape)))
+             for name, m in model.named_modules() if not list(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    table, rf, jump = [], 1, 1
+    for name, m, in_shape, out_shape in rows:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, s, d = (_pair(getattr(m, a, 1))[0] for a in ("kernel_size", "stride", "dilation"))
+            rf += (k - 1) * d * jump
+            jump *= s
+        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and len(in_shape) == 4:
+            rf += (in_shape[-1] - 1) * jump
+        table.append({"layer": f"{name} {type(m).__name__}", "output": list(out_shape[1:]),
+                      "params": count_params(m), "rf": rf})
+    return table
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)

@@ -1,55 +1,32 @@
-"""What turns a run's numbers into words and pictures: the layer table, the summaries of one
-run and of many seeds, the Analysis rules, the Target / Result / Analysis block, the PNGs, and
-the checks that a stored record holds every field these readers use. Functions of their inputs
-(the header also names the machine): nothing here trains, writes or prints.
+"""What a run leaves in its log folder: the words (the summaries of one run and of many seeds,
+the Analysis rules, the Target / Result / Analysis block, the header and tables), the PNGs, the
+checks that a record read back holds every field its readers use, and the files themselves:
+each written whole, a run's set committed at once, the folder locked while a run writes to it.
+Nothing here trains, prints or handles a signal; `runner.py` decides when to write.
 """
+import contextlib
 import datetime
+import errno
+import fcntl
 import io
+import json
 import math
 import os
 import platform
 import shlex
+import stat
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from common import BAR, LAST_N, MAX_EPOCHS, MNIST_SIZES, PARAM_BUDGET, ROTATED_TEST_DEG, ROTATED_TEST_SEED, \
-    count_params, holds_bar, percent
+    UserError, holds_bar, percent
 
 SEED_MARGIN = 99.50        # mean lowest-of-last-N over seeds at which a new seed rarely misses
 
 # ----------------------------------------------------------------------------- tables
-
-def layer_table(model, input_shape=(1, 1, 28, 28)):
-    """Per leaf layer in call order: name, output shape, parameters, receptive field.
-    The receptive field follows r += (k - 1) * j, j *= stride; a global pool sees everything."""
-    rows = []
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: rows.append((name, m, i[0].shape, o.shape)))
-             for name, m in model.named_modules() if not list(m.children())]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(input_shape, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    table, rf, jump = [], 1, 1
-    for name, m, in_shape, out_shape in rows:
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            k, s, d = (_pair(getattr(m, a, 1))[0] for a in ("kernel_size", "stride", "dilation"))
-            rf += (k - 1) * d * jump
-            jump *= s
-        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and len(in_shape) == 4:
-            rf += (in_shape[-1] - 1) * jump
-        table.append({"layer": f"{name} {type(m).__name__}", "output": list(out_shape[1:]),
-                      "params": count_params(m), "rf": rf})
-    return table
-
 
 def format_table(header, rows, align):
     """A plain-text table; `align` holds one '<' or '>' per column."""
@@ -62,11 +39,6 @@ def format_layer_table(table):
     rows = [(r["layer"], "x".join(map(str, r["output"])), f"{r['params']:,}", r["rf"]) for r in table]
     rows.append(("total", "", f"{sum(r['params'] for r in table):,}", ""))
     return format_table(("layer", "output shape", "params", "RF"), rows, "<<>>")
-
-
-def confusion_matrix(predicted, labels):
-    """10x10 counts, rows = true digit, columns = predicted digit."""
-    return torch.bincount(labels * 10 + predicted, minlength=100).view(10, 10).cpu()
 
 
 def most_confused(matrix, k=5):
@@ -82,12 +54,6 @@ def format_confusion(matrix):
     return (["confusion matrix of the final test pass (rows: true digit, columns: predicted)"]
             + format_table([""] + list(range(10)), rows, ">" * 11)
             + [f"most confused (true as predicted): {pairs or 'none'}"])
-
-
-
-def _pair(v):
-    return v if isinstance(v, tuple) else (v, v)
-
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -400,7 +366,6 @@ def plot_steps(records):
     return _png(fig)
 
 
-
 def plot_seeds(runs, title):
     """Every seed's test accuracy per epoch, a thin line each; the judged epochs marked."""
     fig, ax = _pyplot().subplots(figsize=(7, 4))
@@ -538,7 +503,6 @@ def seeds_table(runs):
     return format_table(("seed", f"last {LAST_N} test", "lowest", "final", "best", "held"), rows, ">>>>>>")
 
 
-
 def ablation_table(variants):
     rows = []
     for v in variants:
@@ -548,3 +512,112 @@ def ablation_table(variants):
                      f"{sm['worst_low']:.2f}", f"{sm['held']}/{sm['runs']}", f"{rotated:.2f}", v["reverted"]))
     return format_table(("variant", "final", f"lowest of last {LAST_N}", "worst", "held", "rotated", "reverted"),
                         rows, "<>>>>><")
+
+
+# ----------------------------------------------------------------------------- files
+
+LOCK_NAME = ".lock"        # in the log folder: held by the one run that writes there
+
+
+def encoded(data):
+    """Bytes to write: text as UTF-8, with any character that has no UTF-8 form (a file name
+    that is not UTF-8 reaches Python as a lone surrogate) written as a backslash escape."""
+    return data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data
+
+
+def _write_hidden(path, data, kind):
+    """Write `data` to a hidden file beside `path` and return its name; nothing is left on failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{kind}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(encoded(data))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_file(path, data):
+    """Replace `path` whole: a crash leaves the old file or the new one, never half of one."""
+    os.replace(_write_hidden(Path(path), data, "new"), path)
+
+
+def read_regular(path):
+    """The bytes of `path`, refusing (OSError) anything but a regular file: a FIFO would block."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return f.read()
+
+
+def usable_record(path, check):
+    """(record, None), or (None, why) when it is missing, unreadable or fails `check`."""
+    try:
+        record = json.loads(read_regular(path))
+    except FileNotFoundError:
+        return None, f"The record {path} was not found"
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep for json
+        return None, f"The record {path} could not be read ({type(e).__name__})"
+    try:
+        check(record)
+    except ValueError as e:
+        return None, f"The record {path} could not be understood ({e}); treated as missing"
+    return record, None
+
+
+def commit(staged):
+    """Rename every staged file ({final path: temporary path}) into place and return the old
+    files' backups, for the caller to remove. A failed rename puts the old files back, so the old
+    set stays whole or the new set is complete. Call it with signals held (runner.signals_held)."""
+    for final in staged:
+        if final.is_dir():
+            raise UserError(f"{final} is a folder, where this run writes a file; move it away and run again")
+    moved = []  # (final path, its old file's backup or None)
+    try:
+        for final, tmp in staged.items():
+            backup = final.with_name(f".{final.name}.{os.getpid()}.old.tmp")
+            try:
+                os.replace(final, backup)
+            except FileNotFoundError:
+                backup = None
+            moved.append((final, backup))
+            os.replace(tmp, final)
+    except BaseException:
+        for final, backup in reversed(moved):
+            os.replace(backup, final) if backup else final.unlink(missing_ok=True)
+        raise
+    return [backup for _, backup in moved if backup]
+
+
+def lock_log_dir(path):
+    """Take the log folder's lock and return its file descriptor, so that no two runs write one
+    set; a second run is refused at once, naming the first (waiting would look like a hang)."""
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 1000).decode("utf-8", "replace").strip() or "another run"
+        os.close(fd)
+        raise UserError(f"{holder} is writing to {path}; wait for it to end, or pass another --log-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, encoded(f"run {os.getpid()} (python {shlex.join(sys.argv)})"))
+    return fd  # closing it (or the end of the process, however it ends) releases the lock
+
+
+def clean_stale(path):
+    """Under the lock, every hidden .tmp file is a killed run's: a backup whose file is missing
+    goes back in place (a kill between two renames of a commit); the rest are removed."""
+    for tmp in path.glob(".*.tmp"):
+        final = path / tmp.name[1:].rsplit(".", 3)[0]
+        with contextlib.suppress(OSError):
+            if tmp.name.endswith(".old.tmp") and not final.exists():
+                os.replace(tmp, final)
+            else:
+                tmp.unlink()
+
+
+def state_bytes(model):
+    buf = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()

@@ -3,8 +3,22 @@
 as one set, the partial files kept after a failure) and the signals. Every way out of `main` is
 one line and an exit status, never a traceback.
 """
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
 import os
 import signal
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import NamedTuple
 
 
 def _quit_during_imports(signum, frame):
@@ -14,91 +28,24 @@ def _quit_during_imports(signum, frame):
     os._exit(128 + signum)
 
 
-_handler_before_imports = signal.signal(signal.SIGINT, _quit_during_imports)
+_handler_before_imports = signal.signal(signal.SIGINT, _quit_during_imports)  # until the end of this file
 
-import argparse  # noqa: E402 - after the handler, which must cover the torch import
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import errno  # noqa: E402
-import fcntl  # noqa: E402
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import shlex  # noqa: E402
-import stat  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import NamedTuple  # noqa: E402
+import torch  # noqa: E402 - after the handler, which must cover the torch import
 
-import torch  # noqa: E402
-
-from common import MAX_EPOCHS, Diverged, Recipe, UserError, count_params, \
-    evaluate, load_data, make_net, percent, predict, recorded_recipe, resolve_precision, rotated_copy, \
-    train  # noqa: E402
-from report import ablation_sentences, ablation_table, analyze, check_ablation, check_seeds, check_single, \
-    confusion_matrix, epoch_line, format_block, format_confusion, format_layer_table, header_lines, \
-    input_warnings, layer_table, plot_curves, plot_misclassified, plot_seeds, plot_steps, previous_line, result_lines, seed_list, \
-    seeds_sentences, seeds_table, summarize  # noqa: E402
+from common import MAX_EPOCHS, Diverged, Recipe, UserError, confusion_matrix, count_params, evaluate, \
+    layer_table, load_data, make_net, percent, predict, recorded_recipe, resolve_precision, rotated_copy, \
+    train, train_job  # noqa: E402
+from report import _write_hidden, ablation_sentences, ablation_table, analyze, check_ablation, \
+    check_seeds, check_single, clean_stale, commit, epoch_line, format_block, \
+    format_confusion, format_layer_table, header_lines, input_warnings, lock_log_dir, plot_curves, \
+    plot_misclassified, plot_seeds, plot_steps, previous_line, read_regular, result_lines, seed_list, \
+    seeds_sentences, seeds_table, state_bytes, summarize, usable_record, write_file  # noqa: E402
 
 MAX_SEED = 2**64 - 1       # torch.manual_seed takes 0 .. 2**64 - 1
 MAX_LR = torch.finfo(torch.float32).max  # the optimizer holds the LR as a float32
 TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-LOCK_NAME = ".lock"        # in the log folder: held by the one run that writes there
 
-# ----------------------------------------------------------------------------- files
-
-
-def encoded(data):
-    """Bytes to write: text as UTF-8, with any character that has no UTF-8 form (a file name
-    that is not UTF-8 reaches Python as a lone surrogate) written as a backslash escape."""
-    return data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data
-
-
-def _write_hidden(path, data, kind):
-    """Write `data` to a hidden file beside `path` and return its name; nothing is left on failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{kind}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(encoded(data))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def write_file(path, data):
-    """Replace `path` whole: a crash leaves the old file or the new one, never half of one."""
-    os.replace(_write_hidden(Path(path), data, "new"), path)
-
-
-def read_regular(path):
-    """The bytes of `path`, refusing (OSError) anything but a regular file: a FIFO would block."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return f.read()
-
-
-def usable_record(path, check):
-    """(record, None), or (None, why) when it is missing, unreadable or fails `check`."""
-    try:
-        record = json.loads(read_regular(path))
-    except FileNotFoundError:
-        return None, f"The record {path} was not found"
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep for json
-        return None, f"The record {path} could not be read ({type(e).__name__})"
-    try:
-        check(record)
-    except ValueError as e:
-        return None, f"The record {path} could not be understood ({e}); treated as missing"
-    return record, None
-
+# ----------------------------------------------------------------------------- signals
 
 @contextlib.contextmanager
 def signals_held():
@@ -113,63 +60,6 @@ def signals_held():
             signal.signal(s, handler)
         if held:
             signal.raise_signal(held[0])
-
-
-def commit(staged):
-    """Rename every staged file ({final path: temporary path}) into place and return the old
-    files' backups, for the caller to remove. A failed rename puts the old files back, so the old
-    set stays whole or the new set is complete. Call it inside signals_held()."""
-    for final in staged:
-        if final.is_dir():
-            raise UserError(f"{final} is a folder, where this run writes a file; move it away and run again")
-    moved = []  # (final path, its old file's backup or None)
-    try:
-        for final, tmp in staged.items():
-            backup = final.with_name(f".{final.name}.{os.getpid()}.old.tmp")
-            try:
-                os.replace(final, backup)
-            except FileNotFoundError:
-                backup = None
-            moved.append((final, backup))
-            os.replace(tmp, final)
-    except BaseException:
-        for final, backup in reversed(moved):
-            os.replace(backup, final) if backup else final.unlink(missing_ok=True)
-        raise
-    return [backup for _, backup in moved if backup]
-
-
-def lock_log_dir(path):
-    """Take the log folder's lock and return its file descriptor, so that no two runs write one
-    set; a second run is refused at once, naming the first (waiting would look like a hang)."""
-    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 1000).decode("utf-8", "replace").strip() or "another run"
-        os.close(fd)
-        raise UserError(f"{holder} is writing to {path}; wait for it to end, or pass another --log-dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, encoded(f"run {os.getpid()} (python {shlex.join(sys.argv)})"))
-    return fd  # closing it (or the end of the process, however it ends) releases the lock
-
-
-def clean_stale(path):
-    """Under the lock, every hidden .tmp file is a killed run's: a backup whose file is missing
-    goes back in place (a kill between two renames of a commit); the rest are removed."""
-    for tmp in path.glob(".*.tmp"):
-        final = path / tmp.name[1:].rsplit(".", 3)[0]
-        with contextlib.suppress(OSError):
-            if tmp.name.endswith(".old.tmp") and not final.exists():
-                os.replace(tmp, final)
-            else:
-                tmp.unlink()
-
-
-def state_bytes(model):
-    buf = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- a run
@@ -293,16 +183,6 @@ def _worker_job(job):
     if "data" not in _WORKER:
         _WORKER["data"] = load_data(_WORKER["data_dir"], _WORKER["device"])
     return train_job(*job, _WORKER["data"])
-
-
-def train_job(variant, Net, recipe, seed, data):
-    """Train one seed to the end; its history and its rotated-copy count, as plain data."""
-    history = []
-    for model, entry in train(Net, recipe, data, seed):
-        history.append(entry)
-    rotated = evaluate(model, rotated_copy(data.test_images), data.test_labels, data.norm)[1]
-    return {"variant": variant, "seed": seed, "history": history,
-            "rotated_test": {"correct": rotated, "total": len(data.test_labels)}}
 
 
 def job_threads(jobs):
@@ -491,10 +371,9 @@ def load_weights(run, path):
     model = make_net(run.step.Net, run.recipe).to(run.device)
     try:
         blob = read_regular(path)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; pass a weights file such as logs/step{n}.pt") from None
     except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror}); pass a weights file such as logs/step{n}.pt") from None
+        why = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
+        raise UserError(f"{path} {why}; pass a weights file such as logs/step{n}.pt") from None
     try:
         state = torch.load(io.BytesIO(blob), map_location=run.device, weights_only=True)
     except Exception as e:
@@ -570,12 +449,11 @@ def _positive(kind, most=float("inf")):
 
 
 def _non_empty(what):
-    def parse(text):
+    def path(text):
         if not text.strip():
             raise argparse.ArgumentTypeError(f"is empty; name {what}")
         return text
-    parse.__name__ = "path"
-    return parse
+    return path
 
 
 def build_parser(step):
@@ -661,9 +539,7 @@ def open_log_dir(run):
 # ----------------------------------------------------------------------------- main
 
 class Interrupted(KeyboardInterrupt):
-    def __init__(self, signum=signal.SIGINT):
-        super().__init__(signum)
-        self.signum = signum
+    """A terminating signal, raised wherever the run is; args[0] is its number."""
 
 
 def _interrupt(signum, frame):
@@ -730,7 +606,7 @@ def report_failure(run, error):
               f"{error.loss}); try a lower --lr than {run.recipe.lr:g}. {kept}", file=sys.stderr)
         return 1
     if isinstance(error, KeyboardInterrupt):
-        signum = getattr(error, "signum", signal.SIGINT)
+        signum = error.args[0] if isinstance(error, Interrupted) else signal.SIGINT
         kept = run.keep_partial(f"interrupted by {signal.Signals(signum).name}")
         print(f"\n{prog}: interrupted ({signal.Signals(signum).name}). {kept}", file=sys.stderr)
         return 128 + signum

@@ -105,7 +105,7 @@ def run_one(name, seed, data, recipe, commit):
               "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
               "wall_seconds": round(time.perf_counter() - start, 1), "history": history}
     OUT.mkdir(parents=True, exist_ok=True)
-    runner.write_file(path, json.dumps(record, indent=1))
+    report.write_file(path, json.dumps(record, indent=1))
 
 
 def records():

@@ -9,6 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import report  # noqa: E402
 import runner  # noqa: E402
 import step4  # noqa: E402
 
@@ -65,7 +66,7 @@ def finished_run(mnist_dir, tmp_path):
 
 
 def snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != runner.LOCK_NAME}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != report.LOCK_NAME}
 
 
 @pytest.fixture

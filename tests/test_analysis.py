@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 import common
-import runner
 import report
 
 FACTS_PLAIN = {"step": 2, "params": 7000, "regularised": False, "augmented": False, "scheduled": False,
@@ -147,7 +146,7 @@ def test_ablation_on_one_seed_calls_nothing_a_gain():
 
 
 def test_missing_previous_record_is_said_in_the_target(tmp_path):
-    record, why = runner.usable_record(tmp_path / "step2.json", report.check_single)
+    record, why = report.usable_record(tmp_path / "step2.json", report.check_single)
     assert record is None and "was not found" in report.previous_line(3, record, why)
 
 
@@ -167,9 +166,9 @@ def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
 
 def test_a_record_whose_counts_are_not_integers_is_treated_as_missing(tmp_path):
     record = json.loads((Path(__file__).parent.parent / "logs" / "step3.json").read_text())
-    assert runner.usable_record(write_json(tmp_path / "ok.json", record), report.check_single)[1] is None
+    assert report.usable_record(write_json(tmp_path / "ok.json", record), report.check_single)[1] is None
     bad = write_json(tmp_path / "step3.json", {**record, "params": "9,246"})
-    found, why = runner.usable_record(bad, report.check_single)
+    found, why = report.usable_record(bad, report.check_single)
     assert found is None and "params is not an integer" in why and "treated as missing" in why
 
 

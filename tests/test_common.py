@@ -13,7 +13,7 @@ from conftest import make_mnist
 def test_receptive_field_of_a_known_model():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.MaxPool2d(2),
                           nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1))
-    table = report.layer_table(model)
+    table = common.layer_table(model)
     assert [r["rf"] for r in table] == [3, 5, 6, 10, 10 + (10 - 1) * 2]
     assert [r["output"] for r in table] == [[4, 26, 26], [4, 24, 24], [4, 12, 12], [4, 10, 10], [4, 1, 1]]
     assert sum(r["params"] for r in table) == common.count_params(model)
@@ -165,16 +165,16 @@ def test_a_record_from_before_a_recipe_field_existed_reads_as_its_default():
 
 
 def test_confusion_matrix_counts_true_by_predicted():
-    m = report.confusion_matrix(torch.tensor([1, 1, 2, 3]), torch.tensor([1, 2, 2, 3]))
+    m = common.confusion_matrix(torch.tensor([1, 1, 2, 3]), torch.tensor([1, 2, 2, 3]))
     assert m[2, 1] == 1 and m.trace() == 3 and m.sum() == 4
     assert report.most_confused(m) == [(2, 1, 1)]
 
 
 def test_write_file_leaves_the_old_file_on_failure(tmp_path):
     path = tmp_path / "f.txt"
-    runner.write_file(path, "old")
+    report.write_file(path, "old")
     with pytest.raises(TypeError):
-        runner.write_file(path, 12345)  # not bytes: fails mid-write
+        report.write_file(path, 12345)  # not bytes: fails mid-write
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
 
 
@@ -260,7 +260,7 @@ def test_a_failed_rename_puts_the_old_set_back(tmp_path, monkeypatch):
     old = {tmp_path / n: n.encode() for n in ("a.pt", "a.json", "a.log")}
     for path, data in old.items():
         path.write_bytes(data)
-    staged = {path: runner._write_hidden(path, b"new", "staged") for path in old}
+    staged = {path: report._write_hidden(path, b"new", "staged") for path in old}
     real_replace, calls = runner.os.replace, []
 
     def replace(src, dst):
@@ -270,7 +270,7 @@ def test_a_failed_rename_puts_the_old_set_back(tmp_path, monkeypatch):
         real_replace(src, dst)
     monkeypatch.setattr(runner.os, "replace", replace)
     with pytest.raises(OSError):
-        runner.commit(staged)
+        report.commit(staged)
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in old} == old
     for tmp in staged.values():

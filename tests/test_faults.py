@@ -28,7 +28,7 @@ def one_line(err):
 
 def test_a_second_run_into_a_held_log_folder_is_refused_and_changes_nothing(finished_run, mnist_dir):
     before = snapshot(finished_run)
-    fd = runner.lock_log_dir(finished_run)  # as a run in the middle of its commit holds it
+    fd = report.lock_log_dir(finished_run)  # as a run in the middle of its commit holds it
     try:
         result = run_step(4, *FAST, "--seed", 3, "--data-dir", mnist_dir, "--log-dir", finished_run)
     finally:
@@ -41,8 +41,8 @@ def test_a_second_run_into_a_held_log_folder_is_refused_and_changes_nothing(fini
 
 def test_the_commit_does_not_depend_on_a_check_before_each_rename(tmp_path):
     final = tmp_path / "a.log"
-    staged = {final: runner._write_hidden(final, b"new", "staged")}
-    assert runner.commit(staged) == [] and final.read_bytes() == b"new"  # nothing there before: no backup
+    staged = {final: report._write_hidden(final, b"new", "staged")}
+    assert report.commit(staged) == [] and final.read_bytes() == b"new"  # nothing there before: no backup
 
 
 # 2. records that pass the check, and what the readers use
@@ -108,7 +108,7 @@ def test_a_killed_runs_hidden_files_are_cleaned_and_a_lost_file_put_back(finishe
     log = finished_run / "step4.log"
     os.replace(log, finished_run / ".step4.log.99999.old.tmp")  # killed between two renames
     (finished_run / ".step4.pt.99999.staged.tmp").write_bytes(b"half")
-    runner.clean_stale(finished_run)
+    report.clean_stale(finished_run)
     assert log.exists() and not [p for p in finished_run.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -209,7 +209,7 @@ def test_a_fifo_is_refused_not_waited_on(finished_run, mnist_dir, tmp_path):
     result = run_step(4, "--eval", fifo, "--data-dir", mnist_dir)
     assert result.returncode == 1 and "cannot be read (not a regular file)" in one_line(result.stderr)
     os.mkfifo(finished_run / "step3.json")
-    record, why = runner.usable_record(finished_run / "step3.json", report.check_single)
+    record, why = report.usable_record(finished_run / "step3.json", report.check_single)
     assert record is None and "could not be read" in why
 
 

@@ -35,7 +35,7 @@ def test_step1_is_heavy():
 def test_every_step_keeps_the_skeleton():
     # the same convs and pool in the same places: RF 22 on a 4x4 map before the output block
     def skeleton(Net):  # (RF, map size) of each conv and pool up to the first 4x4 map
-        rows = [(r["rf"], r["output"][1:]) for r in report.layer_table(Net())
+        rows = [(r["rf"], r["output"][1:]) for r in common.layer_table(Net())
                 if r["layer"].endswith(("Conv2d", "MaxPool2d"))]
         return rows[:[size for _, size in rows].index([4, 4]) + 1]
     first = skeleton(step1.Net)

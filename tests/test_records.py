@@ -55,7 +55,7 @@ def test_record_matches_the_model_and_its_log(n):
     record, step = load(n)
     model = common.make_net(step.Net, step.RECIPE)
     assert record["params"] == common.count_params(model)
-    assert record["layers"] == report.layer_table(model)
+    assert record["layers"] == common.layer_table(model)
     assert common.recorded_recipe(record["recipe"]) == committed_recipe(step.RECIPE, record, epochs=len(record["history"]))
     assert len(record["history"]) == 15
     log = (LOGS / f"step{n}.log").read_text()
