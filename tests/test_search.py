@@ -1,14 +1,26 @@
 import json
 
+import pytest
+
 import common
 import search
 import step3
+import step4
+from conftest import ROOT
 
 
-def test_the_reference_candidate_is_step_3s_net():
-    ours, theirs = search.Candidate("U14").state_dict(), step3.Net().state_dict()
+def test_the_chosen_candidate_is_step_3s_net_trained_with_step_4s_recipe():
+    ours, theirs = search.Candidate(search.CHOSEN).state_dict(), step3.Net().state_dict()
     assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
-    assert common.count_params(search.Candidate("U14")) == common.count_params(step3.Net())
+    assert common.count_params(search.Candidate(search.CHOSEN)) == common.count_params(step3.Net())
+    assert search.recipe_of(search.CHOSEN) == step4.RECIPE
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / search.OUT).glob("*.json")), ids=lambda p: p.name)
+def test_each_search_record_was_trained_as_search_py_defines_its_candidate(path):
+    record = json.loads(path.read_text())
+    assert common.Recipe(**record["recipe"]) == search.recipe_of(record["candidate"])
+    assert record["params"] == common.count_params(search.Candidate(record["candidate"]))
 
 
 def test_every_candidate_but_the_reference_is_within_6000_parameters():
