@@ -322,4 +322,4 @@ def test_help_shows_every_flag_with_its_default():
                  "--batch-size", "--quiet", "--eval", "--seeds", "--ablate", "--jobs"):
         assert flag in result.stdout
     text = " ".join(result.stdout.split())
-    assert "default: 15)" in text and "default: 0.1)" in text
+    assert "default: 15)" in text and f"default: {step4.RECIPE.lr:g})" in text
