@@ -29,13 +29,13 @@ class Net(nn.Module):
             conv_block(8, 16),                     # 26 -> 24, RF 5
             nn.MaxPool2d(2),                       # 24 -> 12, RF 6
             conv_block(16, 12, kernel=1),
-            conv_block(12, 10, dropout=dropout),   # 12 -> 10, RF 10
-            conv_block(10, 10, dropout=dropout),   # 10 -> 8, RF 14
-            conv_block(10, 10, dropout=dropout),   # 8 -> 6, RF 18
-            conv_block(10, 10, dropout=dropout),   # 6 -> 4, RF 22
-            conv_block(10, 28, kernel=1),          # widen before pooling
-            nn.AdaptiveAvgPool2d(1),               # (N, 28, 4, 4) -> (N, 28, 1, 1)
-            nn.Conv2d(28, 10, 1),                  # the last conv: no BatchNorm before the scores
+            conv_block(12, 14, dropout=dropout),   # 12 -> 10, RF 10
+            conv_block(14, 14, dropout=dropout),   # 10 -> 8, RF 14
+            conv_block(14, 14, dropout=dropout),   # 8 -> 6, RF 18
+            conv_block(14, 14, dropout=dropout),   # 6 -> 4, RF 22
+            conv_block(14, 32, kernel=1),          # widen before pooling
+            nn.AdaptiveAvgPool2d(1),               # (N, 32, 4, 4) -> (N, 32, 1, 1)
+            nn.Conv2d(32, 10, 1),                  # the last conv: no BatchNorm before the scores
             nn.Flatten(),                          # (N, 10, 1, 1) -> (N, 10)
             nn.LogSoftmax(dim=1))
 
