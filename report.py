@@ -525,7 +525,7 @@ def encoded(data):
     return data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data
 
 
-def _write_hidden(path, data, kind):
+def write_hidden(path, data, kind):
     """Write `data` to a hidden file beside `path` and return its name; nothing is left on failure."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{kind}.tmp")
     try:
@@ -539,7 +539,7 @@ def _write_hidden(path, data, kind):
 
 def write_file(path, data):
     """Replace `path` whole: a crash leaves the old file or the new one, never half of one."""
-    os.replace(_write_hidden(Path(path), data, "new"), path)
+    os.replace(write_hidden(Path(path), data, "new"), path)
 
 
 def read_regular(path):

@@ -35,11 +35,11 @@ import torch  # noqa: E402 - after the handler, which must cover the torch impor
 from common import MAX_EPOCHS, Diverged, Recipe, UserError, confusion_matrix, count_params, evaluate, \
     layer_table, load_data, make_net, percent, predict, recorded_recipe, resolve_precision, rotated_copy, \
     train, train_job  # noqa: E402
-from report import _write_hidden, ablation_sentences, ablation_table, analyze, check_ablation, \
-    check_seeds, check_single, clean_stale, commit, epoch_line, format_block, \
-    format_confusion, format_layer_table, header_lines, input_warnings, lock_log_dir, plot_curves, \
-    plot_misclassified, plot_seeds, plot_steps, previous_line, read_regular, result_lines, seed_list, \
-    seeds_sentences, seeds_table, state_bytes, summarize, usable_record, write_file  # noqa: E402
+from report import ablation_sentences, ablation_table, analyze, check_ablation, check_seeds, check_single, \
+    clean_stale, commit, epoch_line, format_block, format_confusion, format_layer_table, header_lines, \
+    input_warnings, lock_log_dir, plot_curves, plot_misclassified, plot_seeds, plot_steps, previous_line, \
+    read_regular, result_lines, seed_list, seeds_sentences, seeds_table, state_bytes, summarize, \
+    usable_record, write_file, write_hidden  # noqa: E402
 
 MAX_SEED = 2**64 - 1       # torch.manual_seed takes 0 .. 2**64 - 1
 MAX_LR = torch.finfo(torch.float32).max  # the optimizer holds the LR as a float32
@@ -104,7 +104,7 @@ class Run:
     def stage(self, filename, data):
         """Write one output file of the run under a temporary name until commit."""
         final = self.log_dir / filename
-        self.staged[final] = _write_hidden(final, data, "staged")
+        self.staged[final] = write_hidden(final, data, "staged")
 
     def commit(self):
         """Put every staged file in place at once and drop an earlier run's partial files; a
@@ -529,7 +529,7 @@ def open_log_dir(run):
     try:
         path.mkdir(parents=True, exist_ok=True)
         run.lock = lock_log_dir(path)
-        _write_hidden(path / "write-test", b"", "probe").unlink()
+        write_hidden(path / "write-test", b"", "probe").unlink()
     except OSError as e:
         raise UserError(f"cannot write to --log-dir {path} ({e.strerror}); pass a folder you can write to") from None
     clean_stale(path)

@@ -260,7 +260,7 @@ def test_a_failed_rename_puts_the_old_set_back(tmp_path, monkeypatch):
     old = {tmp_path / n: n.encode() for n in ("a.pt", "a.json", "a.log")}
     for path, data in old.items():
         path.write_bytes(data)
-    staged = {path: report._write_hidden(path, b"new", "staged") for path in old}
+    staged = {path: report.write_hidden(path, b"new", "staged") for path in old}
     real_replace, calls = runner.os.replace, []
 
     def replace(src, dst):

@@ -41,7 +41,7 @@ def test_a_second_run_into_a_held_log_folder_is_refused_and_changes_nothing(fini
 
 def test_the_commit_does_not_depend_on_a_check_before_each_rename(tmp_path):
     final = tmp_path / "a.log"
-    staged = {final: report._write_hidden(final, b"new", "staged")}
+    staged = {final: report.write_hidden(final, b"new", "staged")}
     assert report.commit(staged) == [] and final.read_bytes() == b"new"  # nothing there before: no backup
 
 
