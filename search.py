@@ -156,8 +156,8 @@ def plot_curve(rows, path):
     for name, params, lows, mean, se in rows:
         color = "tab:green" if name == FINALIST else "tab:olive" if name in finalist_aug else "tab:blue"
         if name not in RECIPE_CHANGES or name in finalist_aug:  # side by side where two share a size
-            _point(left, params + (60 if name == FINALIST else -60 if name in finalist_aug and params == size else 0),
-                   name, lows, mean, se, color)
+            _point(left, params + (60 if name == FINALIST else -60 if name in finalist_aug else 0), name, lows, mean,
+                   se, color)
     for x, (name, params, lows, mean, se) in enumerate(same_size):
         _point(right, x, name, lows, mean, se, "tab:green" if name == FINALIST else "tab:blue")
     for ax in (left, right):
