@@ -153,13 +153,13 @@ def plot_curve(rows, path):
     ref_mean = next(mean for name, _, _, mean, _ in rows if name == REFERENCE)
     finalist_aug = {n for n in CANDIDATES if recipe_of(n).max_rotation == recipe_of(FINALIST).max_rotation}
     same_size = [row for row in rows if row[1] == size]
-    for name, params, lows, mean, se in rows:
+    for row in rows:
+        name, params = row[:2]
         color = "tab:green" if name == FINALIST else "tab:olive" if name in finalist_aug else "tab:blue"
         if name not in RECIPE_CHANGES or name in finalist_aug:  # side by side where two share a size
-            _point(left, params + (60 if name == FINALIST else -60 if name in finalist_aug else 0), name, lows, mean,
-                   se, color)
-    for x, (name, params, lows, mean, se) in enumerate(same_size):
-        _point(right, x, name, lows, mean, se, "tab:green" if name == FINALIST else "tab:blue")
+            _point(left, params + (60 if name == FINALIST else -60 if name in finalist_aug else 0), row, color)
+    for x, row in enumerate(same_size):
+        _point(right, x, row, "tab:green" if row[0] == FINALIST else "tab:blue")
     for ax in (left, right):
         ax.axhline(common.BAR, color="grey", ls="--", lw=1)
         ax.axhline(ref_mean, color="tab:orange", ls=":", lw=1)
@@ -170,7 +170,9 @@ def plot_curve(rows, path):
     path.write_bytes(report._png(fig))
 
 
-def _point(ax, x, name, lows, mean, se, color):
+def _point(ax, x, row, color):
+    """One candidate's mean +- SE at x, its seeds as dots, and its name with the number of seeds."""
+    name, _, lows, mean, se = row
     ax.errorbar(x, mean, yerr=se, fmt="o", capsize=3, color=color)
     ax.plot([x] * len(lows), list(lows.values()), ".", color=color, alpha=0.35)
     ax.annotate(f"{name} ({len(lows)})", (x, mean), textcoords="offset points", xytext=(6, 3), fontsize=7, color=color)
