@@ -1,7 +1,8 @@
 """Model search on a validation split: train candidate skeletons with step 4's recipe as it was
-before the search (BASE_RECIPE), each with its own changes to it, on the first 50,000 training images and measure, every epoch, on the last 10,000 (the test set is not
-touched). One JSON record per (candidate, seed) under logs/search/; a finished record is never
-run again, so the search can be stopped and resumed.
+before the search (BASE_RECIPE), or a variant of it, on the first 50,000 training images and
+measure, every epoch, on the last 10,000 (the test set is not touched). One JSON record per
+(candidate, seed) under logs/search/; a finished record is never run again, so the search can be
+stopped and resumed.
 
     python search.py --data-dir DIR --runs U10:1-4 P5:1-4    # train those candidates and seeds
     python search.py --report                                # the size-against-margin table and PNG
@@ -62,32 +63,29 @@ CANDIDATES = {  # name -> the layers' builder and its widths
     "P5": (padded, (5, 10, 10)),
 }
 # step 4's recipe before the search; every record in logs/search was trained with it plus its
-# candidate's RECIPE_CHANGES (a test checks each record's recipe against recipe_of)
+# candidate's changes in VARIANTS (a test checks each record's recipe against recipe_of)
 BASE_RECIPE = common.Recipe(lr=0.1, schedule="onecycle", batch_size=64, weight_decay=1e-4, max_rotation=7.0,
                             max_shift=2.0, dropout=0.0, ema_decay=0.998)
 REFERENCE = "U14"         # what steps 3 and 4 ship (step 3's Net, BASE_RECIPE), which a smaller model had to match
 FINALIST = "U10l"         # the closest at 6,000 parameters or fewer; its 20-seed test sweep held 14 of 20
-RECIPE_CHANGES = {  # name -> changes to BASE_RECIPE; a candidate not named here trains with it as is
+VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BASE_RECIPE)
     # constant LR 0.01 with the moving average: +0.05 (1.7 SE) on the 9,246-parameter model in the ablation
-    "U10c": {"schedule": "constant", "lr": 0.01},
+    "U10c": ("U10", {"schedule": "constant", "lr": 0.01}),
     # U10 trains at 99.2% on augmented images against 99.4% on validation: it underfits, so
     # regularise it less: lighter augmentation, or no weight decay
-    "U10a": {"max_rotation": 5.0, "max_shift": 1.0},
-    "U10w": {"weight_decay": 0.0},
-    "U10a3": {"max_rotation": 3.0, "max_shift": 1.0},  # lighter still: does less keep helping?
-    "U8a": {"max_rotation": 5.0, "max_shift": 1.0},    # U10a's recipe on 4,794 parameters
+    "U10a": ("U10", {"max_rotation": 5.0, "max_shift": 1.0}),
+    "U10w": ("U10", {"weight_decay": 0.0}),
+    "U10a3": ("U10", {"max_rotation": 3.0, "max_shift": 1.0}),  # lighter still: does less keep helping?
+    "U8a": ("U8", {"max_rotation": 5.0, "max_shift": 1.0}),     # U10a's recipe on 4,794 parameters
     # U10a's seed 5 stalled at 99.22 from epoch 5, when the one-cycle LR peaks: a lower peak
-    "U10l": {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05},
-    "U12l": {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05},  # U10l's recipe on 7,546 parameters
+    "U10l": ("U10", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05}),
+    "U12l": ("U12", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05}),  # U10l's recipe on 7,546 parameters
 }
-for name in ("U10c", "U10a", "U10w", "U10a3", "U10l"):
-    CANDIDATES[name] = CANDIDATES["U10"]
-CANDIDATES["U8a"] = CANDIDATES["U8"]
-CANDIDATES["U12l"] = CANDIDATES["U12"]
+CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 
 
 def recipe_of(name):
-    return dataclasses.replace(BASE_RECIPE, **RECIPE_CHANGES.get(name, {}))
+    return dataclasses.replace(BASE_RECIPE, **VARIANTS.get(name, (None, {}))[1])
 
 
 class Candidate(nn.Module):
@@ -156,7 +154,7 @@ def plot_curve(rows, path):
     for row in rows:
         name, params = row[:2]
         color = "tab:green" if name == FINALIST else "tab:olive" if name in finalist_aug else "tab:blue"
-        if name not in RECIPE_CHANGES or name in finalist_aug:  # side by side where two share a size
+        if name not in VARIANTS or name in finalist_aug:  # side by side where two share a size
             _point(left, params + (60 if name == FINALIST else -60 if name in finalist_aug else 0), row, color)
     for x, row in enumerate(same_size):
         _point(right, x, row, "tab:green" if row[0] == FINALIST else "tab:blue")
