@@ -85,6 +85,7 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     # epoch against 99.44): twice the updates in the same 15 epochs
     "U10b": ("U10", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05, "batch_size": 32}),
     "U11l": ("U11", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05}),  # U10l's recipe, no widening 1x1
+    "U11b": ("U11", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05, "batch_size": 32}),  # U10b's recipe on U11
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 
