@@ -102,6 +102,9 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     "U10lw": ("U10", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05, "weight_decay": 0.0}),
     "S26l": ("S26", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05}),  # U10l's recipe, separable middle
     "S22l": ("S22", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05}),
+    # S26l trains above its validation accuracy (99.57 on augmented batches against 99.52): it no
+    # longer underfits, so give it back the heavier augmentation
+    "S26h": ("S26", {"lr": 0.05}),
     "U11b": ("U11", {"max_rotation": 5.0, "max_shift": 1.0, "lr": 0.05, "batch_size": 32}),  # U10b's recipe on U11
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
