@@ -9,11 +9,11 @@ import step4
 from conftest import ROOT
 
 
-def test_the_chosen_candidate_is_step_3s_net_trained_with_step_4s_recipe():
-    ours, theirs = search.Candidate(search.CHOSEN).state_dict(), step3.Net().state_dict()
+def test_the_reference_candidate_is_step_3s_net_trained_with_step_4s_recipe():
+    ours, theirs = search.Candidate(search.REFERENCE).state_dict(), step3.Net().state_dict()
     assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
-    assert common.count_params(search.Candidate(search.CHOSEN)) == common.count_params(step3.Net())
-    assert search.recipe_of(search.CHOSEN) == step4.RECIPE
+    assert common.count_params(search.Candidate(search.REFERENCE)) == common.count_params(step3.Net())
+    assert search.recipe_of(search.REFERENCE) == step4.RECIPE
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / search.OUT).glob("*.json")), ids=lambda p: p.name)
