@@ -56,9 +56,8 @@ def padded(a, b, c):
 
 
 def separable(c1, c2, m):
-    """unpadded's skeleton with each middle 3x3 split into a per-channel (depthwise) 3x3 and a 1x1
-    across channels: 9m + m^2 weights a layer instead of 9m^2, so m can be about 2.5 times wider
-    at the same size; no widening 1x1 (m channels reach the GAP)."""
+    """unpadded's skeleton with its four middle 3x3 convs split (common.separable_block) at m
+    channels, and no widening 1x1: the m channels reach the GAP."""
     layers = [common.conv_block(1, c1), common.conv_block(c1, c2), nn.MaxPool2d(2),
               common.conv_block(c2, m, kernel=1)]
     layers += [common.separable_block(m) for _ in range(4)]
