@@ -55,22 +55,14 @@ def padded(a, b, c):
     return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, 10, 1)]
 
 
-def separable_block(channels, c_out=None):
-    """A 3x3 conv in two parts: a 3x3 within each channel (depthwise), then a 1x1 across channels
-    (to c_out, default the same) with BatchNorm and ReLU; 9c + c^2 weights instead of 9c^2, so
-    the same budget buys about 2.5 times the channels."""
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, groups=channels, bias=False),
-                         common.conv_block(channels, c_out or channels, kernel=1))
-
-
 def separable(c1, c2, m, split_second=False):
-    """unpadded's skeleton with its four middle 3x3 convs split (separable_block) at m
+    """unpadded's skeleton with its four middle 3x3 convs split (common.separable_block) at m
     channels, and no widening 1x1: the m channels reach the GAP. With split_second, the second
     3x3 conv (c1 -> c2, before the pool) is split too; only the first stays whole."""
-    second = separable_block(c1, c2) if split_second else common.conv_block(c1, c2)
-    layers = [common.conv_block(1, c1), second, nn.MaxPool2d(2),
-              common.conv_block(c2, m, kernel=1)]
-    layers += [separable_block(m) for _ in range(4)]
+    layers = [common.conv_block(1, c1)]  # built in call order: the seed gives step 3's initial weights
+    layers += [common.separable_block(c1, c2) if split_second else common.conv_block(c1, c2), nn.MaxPool2d(2),
+               common.conv_block(c2, m, kernel=1)]
+    layers += [common.separable_block(m) for _ in range(4)]
     return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(m, 10, 1)]
 
 
