@@ -187,9 +187,9 @@ def paired(lows, reference):
 
 def plot_curve(rows, path):
     """Left: parameters against margin, one point (mean +- SE, dots: seeds) per candidate trained
-    with BASE_RECIPE (blue) or with the finalist's lighter augmentation (olive), and the best
-    small one (green); right: everything tried within 5% of the finalist's size. Both beside the
-    reference's mean and the bar."""
+    with BASE_RECIPE (blue), with the finalist's lighter augmentation (olive), or with the best
+    small one's recipe (green); right: everything tried within 5% of the finalist's size. Both
+    beside the reference's mean and the bar."""
     plt = report._pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]}, sharey=True)
     size = next(params for name, params, *_ in rows if name == FINALIST)
@@ -198,24 +198,27 @@ def plot_curve(rows, path):
     finalist_aug = {n for n in VARIANTS if recipe_of(n).max_rotation == recipe_of(FINALIST).max_rotation
                     and recipe_of(n).batch_size == recipe_of(FINALIST).batch_size
                     and (CANDIDATES[n] != CANDIDATES[FINALIST] or n == FINALIST)}
+    best_recipe = {n for n in VARIANTS if recipe_of(n) == recipe_of(BEST_SMALL)}  # its recipe, other layers
     same_size = [row for row in rows if abs(row[1] - size) <= 0.05 * size]  # within 5% of the finalist's size
     for row in rows:
         name, params = row[:2]
-        color = "tab:green" if name == BEST_SMALL else "tab:olive" if name in finalist_aug else "tab:blue"
-        if name not in VARIANTS or name in finalist_aug or name == BEST_SMALL:  # side by side where two share a size
-            _point(left, params + (60 if name == BEST_SMALL else -60 if name in finalist_aug else 0), row, color)
+        color = "tab:green" if name in best_recipe else "tab:olive" if name in finalist_aug else "tab:blue"
+        if name not in VARIANTS or name in finalist_aug or name in best_recipe:  # side by side where two share a size
+            _point(left, params + (60 if name in best_recipe else -60 if name in finalist_aug else 0), row, color)
     for x, row in enumerate(same_size):  # labels alternate above and below, so neighbours do not overlap
-        _point(right, x, row, "tab:green" if row[0] == BEST_SMALL else "tab:blue", label_dy=3 if x % 2 else -10)
+        _point(right, x, row, "tab:green" if row[0] in best_recipe else "tab:blue", label_dy=3 if x % 2 else -10)
     for ax in (left, right):
         ax.axhline(common.BAR, color="grey", ls="--", lw=1)
         ax.axhline(ref_mean, color="tab:orange", ls=":", lw=1)
     left.set(xlabel="parameters", ylabel="lowest of the last 3 (validation, %)",
              title="Size against margin (blue: the recipe before the search;\n"
-                   f"olive: rotation +-5 deg, shift 1 px; green: {BEST_SMALL})")
+                   f"olive: rotation +-5 deg, shift 1 px; green: {BEST_SMALL}'s recipe)")
+    left.title.set_fontsize(9)
     right.set(xlabel=f"everything tried at {min(r[1] for r in same_size):,}-{max(r[1] for r in same_size):,} parameters",
               xticks=[],
               xlim=(-0.5, len(same_size) - 0.2),
-              title=f"grey dashed: {common.BAR:.2f}; orange dotted: {REFERENCE}'s mean (shipped)")
+              title=f"grey dashed: {common.BAR:.2f}\norange dotted: {REFERENCE}'s mean (shipped)")
+    right.title.set_fontsize(9)
     path.write_bytes(report._png(fig))
 
 
