@@ -43,3 +43,19 @@ def test_the_report_pairs_candidates_by_seed(tmp_path, monkeypatch):
     assert rows["U10"][0] == {1: 99.40, 2: 99.40, 3: 99.41}
     diff, se, n = search.paired(rows["U10"][0], rows["U14"][0])
     assert n == 3 and round(diff, 4) == round((-0.05 - 0.10 - 0.07) / 3, 4) and se > 0
+
+
+def test_the_report_draws_the_curve_with_every_kind_of_candidate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(search, "OUT", tmp_path)
+    names = [search.REFERENCE, search.FINALIST, search.BEST_SMALL, "S22h", "U10", "U10c"]  # each colour and panel
+    for name in names:
+        for seed in (1, 2):
+            history = [{"epoch": e, "test_correct": 9_940 + seed + e, "test_total": 10_000, "train_correct": 1,
+                        "train_total": 2, "seconds": 1.0} for e in (1, 2, 3)]
+            (tmp_path / f"{name}_seed{seed}.json").write_text(json.dumps(
+                {"candidate": name, "params": common.count_params(search.Candidate(name)), "seed": seed,
+                 "history": history}))
+    search.report_table()
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in names)
+    assert (tmp_path / "size_vs_margin.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
