@@ -63,23 +63,15 @@ def separable_block(c_in, c_out=None, kernel=3):
                          common.conv_block(c_in, c_out or c_in, kernel=1))
 
 
-def separable(c1, c2, m, split_second=False):
-    """unpadded's skeleton with its four middle 3x3 convs split (separable_block) at m
-    channels, and no widening 1x1: the m channels reach the GAP. With split_second, the second
-    3x3 conv (c1 -> c2, before the pool) is split too; only the first stays whole."""
+def separable(c1, c2, m, split_second=False, kernel=3):
+    """unpadded's skeleton with its middle convs split (separable_block) at m channels: four 3x3,
+    or two 5x5 with kernel=5 (the same RF 22 on a 4x4 map, half the 1x1s, so m can be wider), and
+    no widening 1x1: the m channels reach the GAP. With split_second, the second 3x3 conv
+    (c1 -> c2, before the pool) is split too; only the first stays whole."""
     layers = [common.conv_block(1, c1)]  # built in call order: the seed gives step 3's initial weights
     layers += [separable_block(c1, c2) if split_second else common.conv_block(c1, c2), nn.MaxPool2d(2),
                common.conv_block(c2, m, kernel=1)]
-    layers += [separable_block(m) for _ in range(4)]
-    return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(m, 10, 1)]
-
-
-def separable5(c1, c2, m):
-    """separable's skeleton with its four middle 3x3 convs replaced by two split 5x5 convs (the
-    same RF 22 on a 4x4 map): 25m + m^2 weights each, half the 1x1s, so m can be wider."""
-    layers = [common.conv_block(1, c1), common.conv_block(c1, c2), nn.MaxPool2d(2),
-              common.conv_block(c2, m, kernel=1)]
-    layers += [separable_block(m, kernel=5) for _ in range(2)]
+    layers += [separable_block(m, kernel=kernel) for _ in range(8 // (kernel - 1))]  # 12x12 -> 4x4
     return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(m, 10, 1)]
 
 
@@ -93,7 +85,7 @@ CANDIDATES = {  # name -> the layers' builder and its widths
     "S22": (separable, (8, 16, 22)),           # 4,802
     # the second conv split too: its 1,184 parameters fall to 232, which buy 29 channels in the middle
     "D29": (separable, (8, 16, 29, True)),     # 5,782
-    "K32": (separable5, (8, 16, 32)),          # 5,954: two split 5x5 convs at 32 channels
+    "K32": (separable, (8, 16, 32, False, 5)),  # 5,954: two split 5x5 convs at 32 channels
     "P5": (padded, (5, 10, 10)),
 }
 # step 4's recipe before the search; every record in logs/search was trained with it plus its

@@ -28,17 +28,19 @@ def test_every_candidate_but_the_reference_is_within_6000_parameters():
         assert (common.count_params(search.Candidate(name)) <= 6_000) == (name not in ("U14", "U12", "U12l")), name
 
 
+def write_record(folder, name, seed, counts):
+    """A search record of one seed whose validation counts per epoch are `counts`."""
+    history = [{"epoch": e, "test_correct": c, "test_total": 10_000, "train_correct": 1, "train_total": 2,
+                "seconds": 1.0} for e, c in enumerate(counts, 1)]
+    (folder / f"{name}_seed{seed}.json").write_text(json.dumps(
+        {"candidate": name, "params": common.count_params(search.Candidate(name)), "seed": seed, "history": history}))
+
+
 def test_the_report_pairs_candidates_by_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "OUT", tmp_path)
-
-    def record(name, seed, last):  # a 3-epoch history whose lowest validation count is `last`
-        history = [{"epoch": e, "test_correct": c, "test_total": 10_000, "train_correct": 1, "train_total": 2,
-                    "seconds": 1.0} for e, c in enumerate([9_950, last, 9_960], 1)]
-        (tmp_path / f"{name}_seed{seed}.json").write_text(json.dumps(
-            {"candidate": name, "params": common.count_params(search.Candidate(name)), "seed": seed, "history": history}))
     for seed, (ref, small) in enumerate([(9_945, 9_940), (9_950, 9_940), (9_948, 9_941)], 1):
-        record("U14", seed, ref)
-        record("U10", seed, small)
+        write_record(tmp_path, "U14", seed, [9_950, ref, 9_960])  # the lowest validation count is the middle one
+        write_record(tmp_path, "U10", seed, [9_950, small, 9_960])
     rows = {name: (lows, mean) for name, _, lows, mean, _ in search.report_rows()}
     assert rows["U10"][0] == {1: 99.40, 2: 99.40, 3: 99.41}
     diff, se, n = search.paired(rows["U10"][0], rows["U14"][0])
@@ -50,11 +52,7 @@ def test_the_report_draws_the_curve_with_every_kind_of_candidate(tmp_path, monke
     names = [search.REFERENCE, search.FINALIST, search.BEST_SMALL, "S22h", "U10", "U10c"]  # each colour and panel
     for name in names:
         for seed in (1, 2):
-            history = [{"epoch": e, "test_correct": 9_940 + seed + e, "test_total": 10_000, "train_correct": 1,
-                        "train_total": 2, "seconds": 1.0} for e in (1, 2, 3)]
-            (tmp_path / f"{name}_seed{seed}.json").write_text(json.dumps(
-                {"candidate": name, "params": common.count_params(search.Candidate(name)), "seed": seed,
-                 "history": history}))
+            write_record(tmp_path, name, seed, [9_940 + seed + e for e in (1, 2, 3)])
     search.report_table()
     table = capsys.readouterr().out
     assert all(f"| {name} |" in table for name in names)
