@@ -8,10 +8,13 @@ from common import Recipe, conv_block, separable_block
 
 TARGET = """
 Step 2 is within budget, but its plain convs train slowly: each layer's input scale drifts as the
-ones below it learn. Keep the channels and the training recipe, and:
-- add BatchNorm after every conv but the last (the 1x1 that produces the class scores), so each
-  layer sees normalised inputs and the same LR makes faster progress (a few parameters more);
-- add a little dropout (5%) after the four 3x3 convs of the second block, where the maps are
+ones below it learn, and only a careful start (He scale) let it train at all. Keep the channels
+and the training recipe, and:
+- add BatchNorm after every conv but the last (the 1x1 that produces the class scores) and the
+  depthwise halves of the split convs (their 1x1 halves are normalised), so each layer sees
+  normalised inputs whatever the weights' scale, and the same LR makes faster progress (a few
+  parameters more); PyTorch's default start is then enough;
+- add a little dropout (5%) after the four split convs of the second block, where the maps are
   small: BatchNorm lets the model fit the training set much better, and this keeps it honest.
 Aim: a clear rise in test accuracy over step 2 at nearly the same size, with a small train-test gap.
 """
