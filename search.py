@@ -190,7 +190,7 @@ def paired(lows, reference):
 def plot_curve(rows, path):
     """Left: parameters against margin, one point (mean +- SE, dots: seeds) per candidate trained
     with BASE_RECIPE (blue), with the finalist's lighter augmentation (olive), or with the best
-    small one's recipe (green), and the last one swept on the test set (red); right: everything
+    small one's recipe (green), and the ones swept on the test set with decay 0.9995 (red); right: everything
     tried within 5% of the finalist's size. Both beside the reference's mean and the bar."""
     plt = report._pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]}, sharey=True)
@@ -202,27 +202,28 @@ def plot_curve(rows, path):
                     and (CANDIDATES[n] != CANDIDATES[FINALIST] or n == FINALIST)}
     best_recipe = {n for n in VARIANTS if recipe_of(n) == recipe_of(BEST_SMALL)}  # its recipe, other layers
     same_size = [row for row in rows if abs(row[1] - size) <= 0.05 * size]  # within 5% of the finalist's size
+    swept = {TEST_SWEPT, SHIPPED}
     for row in rows:
         name, params = row[:2]
-        color = "tab:red" if name == TEST_SWEPT else "tab:green" if name in best_recipe else \
+        color = "tab:red" if name in swept else "tab:green" if name in best_recipe else \
             "tab:olive" if name in finalist_aug else "tab:blue"
-        if name not in VARIANTS or name in finalist_aug or name in best_recipe or name == TEST_SWEPT:
-            shift = 120 if name == TEST_SWEPT else 60 if name in best_recipe else -60 if name in finalist_aug else 0
+        if name not in VARIANTS or name in finalist_aug or name in best_recipe or name in swept:
+            shift = 120 if name in swept else 60 if name in best_recipe else -60 if name in finalist_aug else 0
             _point(left, params + shift, row, color)  # side by side where several share a size
     for x, row in enumerate(same_size):  # labels alternate above and below, so neighbours do not overlap
-        color = "tab:red" if row[0] == TEST_SWEPT else "tab:green" if row[0] in best_recipe else "tab:blue"
+        color = "tab:red" if row[0] in swept else "tab:green" if row[0] in best_recipe else "tab:blue"
         _point(right, x, row, color, label_dy=3 if x % 2 else -10)
     for ax in (left, right):
         ax.axhline(common.BAR, color="grey", ls="--", lw=1)
         ax.axhline(ref_mean, color="tab:orange", ls=":", lw=1)
     left.set(xlabel="parameters", ylabel="lowest of the last 3 (validation, %)",
              title="Size against margin (blue: the recipe before the search; olive: rotation\n"
-                   f"+-5 deg, shift 1 px; green: {BEST_SMALL}'s recipe; red: {TEST_SWEPT})")
+                   f"+-5 deg, shift 1 px; green: {BEST_SMALL}'s recipe; red: {TEST_SWEPT}, {SHIPPED})")
     left.title.set_fontsize(9)
     right.set(xlabel=f"everything tried at {min(r[1] for r in same_size):,}-{max(r[1] for r in same_size):,} parameters",
               xticks=[],
               xlim=(-0.5, len(same_size) - 0.2),
-              title=f"grey dashed: {common.BAR:.2f}\norange dotted: {REFERENCE}'s mean (shipped)")
+              title=f"grey dashed: {common.BAR:.2f}\norange dotted: {REFERENCE}'s mean (shipped before {SHIPPED})")
     right.title.set_fontsize(9)
     path.write_bytes(report._png(fig))
 
