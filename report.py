@@ -394,6 +394,12 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def machine_name(device):
+    """What computed a record's numbers: the GPU's name on CUDA, else the CPU's. The same seed
+    differs between machine kinds, so only runs of one kind are compared count for count."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def header_lines(run, mode, threads):
     """The log's first lines: when, what was run, where, with what, and the data as measured."""
     import torchvision

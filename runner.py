@@ -37,8 +37,8 @@ from common import MAX_EPOCHS, Diverged, Recipe, UserError, confusion_matrix, co
     train, train_job  # noqa: E402
 from report import ablation_sentences, ablation_table, analyze, check_ablation, check_seeds, check_single, \
     clean_stale, commit, epoch_line, format_block, format_confusion, format_layer_table, header_lines, \
-    input_warnings, lock_log_dir, plot_curves, plot_misclassified, plot_seeds, plot_steps, previous_line, \
-    read_regular, result_lines, seed_list, seeds_sentences, seeds_table, state_bytes, summarize, \
+    input_warnings, lock_log_dir, machine_name, plot_curves, plot_misclassified, plot_seeds, plot_steps, \
+    previous_line, read_regular, result_lines, seed_list, seeds_sentences, seeds_table, state_bytes, summarize, \
     usable_record, write_file, write_hidden  # noqa: E402
 
 MAX_SEED = 2**64 - 1       # torch.manual_seed takes 0 .. 2**64 - 1
@@ -290,7 +290,7 @@ def sweep_record(run, mode, **fields):
     return {"step": run.step.number, "mode": mode, "device": str(run.device), "command": sys.argv,
             "torch": torch.__version__, "recipe": dataclasses.asdict(run.recipe),
             "params": count_params(make_net(run.step.Net, run.recipe)), "jobs": run.args.jobs,
-            "threads": job_threads(run.args.jobs), **fields}
+            "threads": job_threads(run.args.jobs), "machine": machine_name(run.device), **fields}
 
 
 def commit_sweep(run, record, lines, pictures=()):
@@ -333,15 +333,17 @@ def ablation_variants(recipe, changes):
 
 def reused_runs(run, seeds):
     """The full recipe's runs of these seeds from this step's seeds record, when it was made with
-    the same recipe, model, device and threads a job: the same computation, so not repeated."""
+    the same recipe, model, device, machine kind and threads a job: the same computation, so not
+    repeated. A record that does not name its machine is not reused."""
     record = run.companion("seeds", check_seeds)
-    if not record or (record.get("device"), record.get("threads")) != (str(run.device), job_threads(run.args.jobs)):
+    here = (str(run.device), machine_name(run.device), job_threads(run.args.jobs))
+    if not record or (record.get("device"), record.get("machine"), record.get("threads")) != here:
         return []
     known = {r["seed"]: r for r in record["runs"]}
     reused = [known[s] for s in seeds if s in known]
     if reused:
         run.say(f"full recipe: seeds {seed_list([r['seed'] for r in reused])} taken from "
-                f"{run.log_dir / f'step{run.step.number}_seeds.json'} (same recipe, model, device and threads)")
+                f"{run.log_dir / f'step{run.step.number}_seeds.json'} (same recipe, model, device, machine and threads)")
     return reused
 
 

@@ -323,3 +323,20 @@ def test_help_shows_every_flag_with_its_default():
         assert flag in result.stdout
     text = " ".join(result.stdout.split())
     assert "default: 15)" in text and f"default: {step4.RECIPE.lr:g})" in text
+
+
+def test_ablate_reuses_the_seeds_records_runs_only_from_the_same_machine_kind(mnist_dir, tmp_path):
+    logs = tmp_path / "logs"
+    assert run_step(4, *FAST, "--seeds", "1", "--data-dir", mnist_dir, "--log-dir", logs).returncode == 0
+    seeds_path = logs / "step4_seeds.json"
+    seeds = json.loads(seeds_path.read_text())
+    assert seeds["machine"]  # the record names what computed it
+    assert run_step(4, *FAST, "--ablate", "--seeds", "1", "--data-dir", mnist_dir, "--log-dir", logs).returncode == 0
+    assert "full recipe: seeds 1 taken from" in (logs / "step4_ablation.log").read_text()
+    assert json.loads((logs / "step4_ablation.json").read_text())["reused"] == [1]
+    seeds["machine"] = "another CPU kind"  # the same seed differs between machine kinds: train it here
+    seeds_path.write_text(json.dumps(seeds))
+    assert run_step(4, *FAST, "--ablate", "--seeds", "1", "--data-dir", mnist_dir, "--log-dir", logs).returncode == 0
+    assert "taken from" not in (logs / "step4_ablation.log").read_text()
+    record = json.loads((logs / "step4_ablation.json").read_text())
+    assert record["reused"] == [] and [r["seed"] for r in record["variants"][0]["runs"]] == [1]
