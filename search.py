@@ -208,20 +208,22 @@ def plot_curve(rows, path):
                     and (CANDIDATES[n] != CANDIDATES[FINALIST] or n == FINALIST)}
     best_recipe = {n for n in VARIANTS if recipe_of(n) == recipe_of(BEST_SMALL)}  # its recipe, other layers
     same_size = [row for row in rows if abs(row[1] - size) <= 0.05 * size]  # within 5% of the finalist's size
-    swept = {TEST_SWEPT, SHIPPED}
     batch128 = {n for n in VARIANTS if recipe_of(n).batch_size == 128}  # the ablation's lead
+    # (members, colour, shift on the left, side by side where several share a size), first match wins
+    groups = [({TEST_SWEPT, SHIPPED}, "tab:red", 120), (batch128, "tab:purple", 180),
+              (best_recipe, "tab:green", 60), (finalist_aug, "tab:olive", -60)]
+
+    def group(name, olive=True):  # the right panel shows U10's recipes in blue, like the rest
+        return next(((colour, shift) for members, colour, shift in groups
+                     if name in members and (olive or colour != "tab:olive")), ("tab:blue", 0))
+
     for row in rows:
         name, params = row[:2]
-        color = "tab:red" if name in swept else "tab:purple" if name in batch128 else \
-            "tab:green" if name in best_recipe else "tab:olive" if name in finalist_aug else "tab:blue"
-        if name not in VARIANTS or name in finalist_aug or name in best_recipe or name in swept or name in batch128:
-            shift = 120 if name in swept else 180 if name in batch128 else 60 if name in best_recipe \
-                else -60 if name in finalist_aug else 0
-            _point(left, params + shift, row, color)  # side by side where several share a size
+        if name not in VARIANTS or any(name in members for members, _, _ in groups):
+            colour, shift = group(name)
+            _point(left, params + shift, row, colour)
     for x, row in enumerate(same_size):  # labels alternate above and below, so neighbours do not overlap
-        color = "tab:red" if row[0] in swept else "tab:purple" if row[0] in batch128 else \
-            "tab:green" if row[0] in best_recipe else "tab:blue"
-        _point(right, x, row, color, label_dy=3 if x % 2 else -10)
+        _point(right, x, row, group(row[0], olive=False)[0], label_dy=3 if x % 2 else -10)
     for ax in (left, right):
         ax.axhline(common.BAR, color="grey", ls="--", lw=1)
         ax.axhline(ref_mean, color="tab:orange", ls=":", lw=1)
