@@ -64,6 +64,8 @@ class Recipe:
     max_shift: float = 0.0         # pixels; each training image gets its own shift in x and y
     dropout: float | None = None   # passed to Net(dropout=...) when set
     ema_decay: float = 0.0         # > 0: test and save a moving average of the weights, not the last
+    label_smoothing: float = 0.0   # > 0: the loss aims at 1 - this for the true digit, the rest spread evenly
+    clean_epochs: int = 0          # the last this many epochs train on the images as they are, unaugmented
     precision: str = "auto"        # "bf16" autocast, "fp32", or "auto": see resolve_precision
 
     def describe(self):
@@ -73,6 +75,8 @@ class Recipe:
             + [f"random shift +-{self.max_shift:g} px"] * bool(self.max_shift)
         extras = [] if self.dropout is None else [f"dropout {self.dropout:g}"]
         extras += [f"tested on an EMA of the weights (decay {self.ema_decay:g})"] * bool(self.ema_decay)
+        extras += [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing)
+        extras += [f"no augmentation in the last {self.clean_epochs} epochs"] * bool(self.clean_epochs)
         return ", ".join([f"SGD momentum {self.momentum:g}", f"weight decay {self.weight_decay:g}",
                           sched, f"batch {self.batch_size}", ", ".join(aug) or "no augmentation"]
                          + extras + ["bf16 autocast" if self.precision == "bf16" else self.precision])
@@ -324,7 +328,7 @@ class WeightAverage:
                 mean.copy_(now)  # BatchNorm's batch counter
 
 
-def train_epoch(model, optimizer, scheduler, batches, precision, average=None):
+def train_epoch(model, optimizer, scheduler, batches, precision, average=None, label_smoothing=0.0):
     """One pass over `batches`. Returns {"loss", "correct", "total", "lr"} (loss: mean over the
     images; lr: the last one used); raises Diverged at the first non-finite loss. With `average`
     (a WeightAverage), each step also moves the average."""
@@ -334,7 +338,7 @@ def train_epoch(model, optimizer, scheduler, batches, precision, average=None):
     for images, labels in batches:
         with autocast(device, precision):
             out = model(images)
-            loss = F.nll_loss(out.float(), labels)
+            loss = smoothed_nll(out.float(), labels, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
@@ -351,6 +355,15 @@ def train_epoch(model, optimizer, scheduler, batches, precision, average=None):
     check_finite(losses, len(losses) - len(losses) % CHECK_EVERY)
     return {"loss": torch.stack(losses).sum().item() / total, "correct": int(correct),
             "total": total, "lr": lr}
+
+
+def smoothed_nll(log_probs, labels, smoothing):
+    """The negative log-likelihood of the true digit, or with `smoothing` of a target that gives the
+    true digit 1 - smoothing and spreads smoothing over all ten (cross_entropy's label_smoothing;
+    log_softmax of log-probabilities is themselves, so passing them is exact)."""
+    if not smoothing:
+        return F.nll_loss(log_probs, labels)
+    return F.cross_entropy(log_probs, labels, label_smoothing=smoothing)
 
 
 def check_finite(losses, start):
@@ -397,12 +410,15 @@ def train(Net, recipe, data, seed, progress=False):
     optimizer, scheduler = make_optimizer(model, recipe, steps)
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
-        epoch_batches = batches(data.train_images, data.train_labels, data.norm, recipe, generator)
+        clean = epoch > recipe.epochs - recipe.clean_epochs  # the last epochs see the digits as the test set has them
+        epoch_recipe = dataclasses.replace(recipe, max_rotation=0.0, max_shift=0.0) if clean else recipe
+        epoch_batches = batches(data.train_images, data.train_labels, data.norm, epoch_recipe, generator)
         if progress:
             from tqdm import tqdm
             epoch_batches = tqdm(epoch_batches, total=steps, desc=f"epoch {epoch}/{recipe.epochs}", leave=False)
         try:
-            stats = train_epoch(model, optimizer, scheduler, epoch_batches, recipe.precision, average)
+            stats = train_epoch(model, optimizer, scheduler, epoch_batches, recipe.precision, average,
+                                recipe.label_smoothing)
         except Diverged as e:
             raise Diverged(e.batch, e.loss, epoch) from None
         trained = time.perf_counter()
