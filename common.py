@@ -60,6 +60,7 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "constant"     # "constant" or "onecycle"
+    warmup: float = 0.3            # one-cycle: the share of the steps that rise to the peak LR
     max_rotation: float = 0.0      # degrees; each training image gets its own angle
     max_shift: float = 0.0         # pixels; each training image gets its own shift in x and y
     dropout: float | None = None   # passed to Net(dropout=...) when set
@@ -69,7 +70,8 @@ class Recipe:
     precision: str = "auto"        # "bf16" autocast, "fp32", or "auto": see resolve_precision
 
     def describe(self):
-        sched = f"one-cycle (peak lr {self.lr:g})" if self.schedule == "onecycle" \
+        warmup = f", {self.warmup:.0%} rising" * (self.warmup != 0.3)
+        sched = f"one-cycle (peak lr {self.lr:g}{warmup})" if self.schedule == "onecycle" \
             else f"constant lr {self.lr:g}"
         aug = [f"random rotation +-{self.max_rotation:g} deg"] * bool(self.max_rotation) \
             + [f"random shift +-{self.max_shift:g} px"] * bool(self.max_shift)
@@ -304,7 +306,8 @@ def make_optimizer(model, recipe, steps_per_epoch):
     if recipe.schedule != "onecycle":
         raise ValueError(f"unknown schedule {recipe.schedule!r}")
     return optimizer, torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch)
+        optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
+        pct_start=recipe.warmup)
 
 
 class WeightAverage:
