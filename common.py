@@ -63,6 +63,7 @@ class Recipe:
     warmup: float = 0.3            # one-cycle: the share of the steps that rise to the peak LR
     max_rotation: float = 0.0      # degrees; each training image gets its own angle
     max_shift: float = 0.0         # pixels; each training image gets its own shift in x and y
+    max_scale: float = 0.0         # each training image drawn at its own size, 1 +- this (0.1: 90-110%)
     dropout: float | None = None   # passed to Net(dropout=...) when set
     ema_decay: float = 0.0         # > 0: test and save a moving average of the weights, not the last
     label_smoothing: float = 0.0   # > 0: the loss aims at 1 - this for the true digit, the rest spread evenly
@@ -74,7 +75,8 @@ class Recipe:
         sched = f"one-cycle (peak lr {self.lr:g}{warmup})" if self.schedule == "onecycle" \
             else f"constant lr {self.lr:g}"
         aug = [f"random rotation +-{self.max_rotation:g} deg"] * bool(self.max_rotation) \
-            + [f"random shift +-{self.max_shift:g} px"] * bool(self.max_shift)
+            + [f"random shift +-{self.max_shift:g} px"] * bool(self.max_shift) \
+            + [f"random scale +-{self.max_scale:.0%}"] * bool(self.max_scale)
         extras = [] if self.dropout is None else [f"dropout {self.dropout:g}"]
         extras += [f"tested on an EMA of the weights (decay {self.ema_decay:g})"] * bool(self.ema_decay)
         extras += [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing)
@@ -243,11 +245,14 @@ def load_data(data_dir, device, download=False, validation=0):
 
 # ----------------------------------------------------------------------------- batches
 
-def affine(images, degrees, shifts):
-    """Turn each image (N, 1, H, W) by its own angle and move it by its own (dx, dy) pixels, in
-    one batched op; zeros fill in."""
+def affine(images, degrees, shifts, scales=None):
+    """Turn each image (N, 1, H, W) by its own angle, move it by its own (dx, dy) pixels and, with
+    `scales` (N,), draw it at its own size (2: twice as large), in one batched op; zeros fill in."""
     rad = degrees.to(images.device, images.dtype) * (math.pi / 180)
     cos, sin = rad.cos(), rad.sin()
+    if scales is not None:  # the grid maps output to input pixels, so a larger digit samples a smaller area
+        shrink = 1 / scales.to(images.device, images.dtype)
+        cos, sin = cos * shrink, sin * shrink
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size
     dx, dy = (shifts.to(images.device, images.dtype) * 2 / images.shape[-1]).unbind(1)
     theta = torch.stack([torch.stack([cos, -sin, dx], 1),
@@ -261,17 +266,20 @@ def uniform_symmetric(n, bound, generator):
     return (torch.rand(n, generator=generator) * 2 - 1) * bound
 
 
-def draw_augmentation(n, batch_size, max_rotation, max_shift, generator):
-    """One epoch's angles (n,) and shifts (n, 2), drawn batch by batch (shifts, then angles), so
-    the stream of random numbers is the same on any device; a bound of 0 draws nothing."""
-    angles, shifts = [], []
+def draw_augmentation(n, batch_size, max_rotation, max_shift, generator, max_scale=0.0):
+    """One epoch's angles (n,), shifts (n, 2) and scales (n,) or None, drawn batch by batch
+    (shifts, angles, scales), so the stream of random numbers is the same on any device; a bound
+    of 0 draws nothing."""
+    angles, shifts, scales = [], [], []
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         shifts.append(uniform_symmetric(2 * size, max_shift, generator).view(size, 2)
                       if max_shift else torch.zeros(size, 2))
         angles.append(uniform_symmetric(size, max_rotation, generator)
                       if max_rotation else torch.zeros(size))
-    return torch.cat(angles), torch.cat(shifts)
+        if max_scale:
+            scales.append(1 + uniform_symmetric(size, max_scale, generator))
+    return torch.cat(angles), torch.cat(shifts), torch.cat(scales) if scales else None
 
 
 def batches(images, labels, norm, recipe, generator):
@@ -280,15 +288,18 @@ def batches(images, labels, norm, recipe, generator):
     (a host sync on a GPU) per batch."""
     n, size = len(images), recipe.batch_size
     order = torch.randperm(n, generator=generator).to(images.device)
-    augment = bool(recipe.max_rotation or recipe.max_shift)
+    augment = bool(recipe.max_rotation or recipe.max_shift or recipe.max_scale)
     if augment:
-        angles, shifts = draw_augmentation(n, size, recipe.max_rotation, recipe.max_shift, generator)
+        angles, shifts, scales = draw_augmentation(n, size, recipe.max_rotation, recipe.max_shift, generator,
+                                                   recipe.max_scale)
         angles, shifts = angles.to(images.device), shifts.to(images.device)
+        scales = None if scales is None else scales.to(images.device)
     mean, std = norm
     for start in range(0, n, size):
         x = images[order[start:start + size]]
         if augment:
-            x = affine(x, angles[start:start + size], shifts[start:start + size])
+            x = affine(x, angles[start:start + size], shifts[start:start + size],
+                       None if scales is None else scales[start:start + size])
         yield (x - mean) / std, labels[order[start:start + size]]
 
 
@@ -414,7 +425,7 @@ def train(Net, recipe, data, seed, progress=False):
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         clean = epoch > recipe.epochs - recipe.clean_epochs  # the last epochs see the digits as the test set has them
-        epoch_recipe = dataclasses.replace(recipe, max_rotation=0.0, max_shift=0.0) if clean else recipe
+        epoch_recipe = dataclasses.replace(recipe, max_rotation=0.0, max_shift=0.0, max_scale=0.0) if clean else recipe
         epoch_batches = batches(data.train_images, data.train_labels, data.norm, epoch_recipe, generator)
         if progress:
             from tqdm import tqdm

@@ -142,6 +142,9 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     # average the steps over longer with momentum 0.95 at half the LR (the same step size)
     "S26w": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "warmup": 0.15}),
     "S26k": ("S26", {"lr": 0.025, "ema_decay": 0.9995, "momentum": 0.95}),
+    # digits differ in size between writers as much as in slant and place: each training image
+    # also drawn at 90-110% of its size
+    "S26z": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "max_scale": 0.1}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 

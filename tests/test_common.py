@@ -199,15 +199,38 @@ def test_shift_moves_the_image_by_whole_pixels():
 
 
 def test_augmentation_is_drawn_batch_by_batch_in_a_fixed_order():
-    angles, shifts = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5))
+    angles, shifts, scales = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     expected_angles, expected_shifts = [], []
     for size in (4, 4, 2):  # per batch: shifts first, then angles
         expected_shifts.append(common.uniform_symmetric(2 * size, 2.0, g).view(size, 2))
         expected_angles.append(common.uniform_symmetric(size, 7.0, g))
     assert torch.equal(angles, torch.cat(expected_angles)) and torch.equal(shifts, torch.cat(expected_shifts))
-    angles, shifts = common.draw_augmentation(10, 4, 7.0, 0.0, torch.Generator().manual_seed(5))
+    assert scales is None  # no scale bound: nothing drawn, so older runs draw the same numbers
+    angles, shifts, scales = common.draw_augmentation(10, 4, 7.0, 0.0, torch.Generator().manual_seed(5))
     assert not shifts.any() and torch.equal(angles, common.uniform_symmetric(10, 7.0, torch.Generator().manual_seed(5)))
+
+
+def test_scales_are_drawn_last_in_each_batch_and_stay_in_bounds():
+    angles, shifts, scales = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5), 0.1)
+    g = torch.Generator().manual_seed(5)
+    expected = []
+    for size in (4, 4, 2):  # per batch: shifts, angles, then scales
+        common.uniform_symmetric(2 * size, 2.0, g), common.uniform_symmetric(size, 7.0, g)
+        expected.append(1 + common.uniform_symmetric(size, 0.1, g))
+    assert torch.equal(scales, torch.cat(expected)) and ((scales >= 0.9) & (scales <= 1.1)).all()
+
+
+def test_scale_draws_a_digit_larger_or_smaller_about_the_centre():
+    img = torch.zeros(1, 1, 28, 28)
+    img[:, :, 10:18, 10:18] = 1.0  # an 8x8 square at the centre
+    same = common.affine(img, torch.zeros(1), torch.zeros(1, 2), torch.ones(1))
+    assert torch.allclose(same, img, atol=1e-5)
+    larger = common.affine(img, torch.zeros(1), torch.zeros(1, 2), torch.tensor([2.0]))
+    smaller = common.affine(img, torch.zeros(1), torch.zeros(1, 2), torch.tensor([0.5]))
+    assert larger.sum().item() == pytest.approx(4 * img.sum().item(), rel=0.05)
+    assert smaller.sum().item() == pytest.approx(img.sum().item() / 4, rel=0.05)
+    assert larger[0, 0, 14, 14] == 1.0 and smaller[0, 0, 14, 14] == 1.0
 
 
 def test_auto_precision_is_fp32_everywhere():
