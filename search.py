@@ -145,6 +145,9 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     # digits differ in size between writers as much as in slant and place: each training image
     # also drawn at 90-110% of its size
     "S26z": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "max_scale": 0.1}),
+    # S26n exactly, run on the AVX2 AMD EPYC: S26n's records come from an AVX-512 Xeon, and the same
+    # seed differs between the two by up to 0.10, so runs made on the AMD pair with this one
+    "S26a": ("S26", {"lr": 0.05, "ema_decay": 0.9995}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 
