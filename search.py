@@ -90,6 +90,8 @@ SHIPPED = "S30n"          # what steps 3 and 4 ship: step 3's Net trained with s
 TEST_SWEPT = "S26n"       # S26h with decay 0.9995: its test sweep held 20 of 20, mean lowest-of-last-3 99.495 (99.50 needed)
 FINALIST = "U10l"         # the closest of full 3x3 convs at 6,000 parameters or fewer; its 20-seed test sweep held 14 of 20
 BEST_SMALL = "S26h"       # the closest at 6,000 or fewer: its test sweep held 20 of 20, mean lowest-of-last-3 99.49 (99.50 needed)
+# the 5,858-parameter split convs with the test sweeps' recipe, made on each CPU kind, to pair with
+SAME_RECIPE_BY_CPU = {"Xeon": "S26n", "AMD": "S26a"}
 VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BASE_RECIPE)
     # constant LR 0.01 with the moving average: +0.05 (1.7 SE) on the 9,246-parameter model in the ablation
     "U10c": ("U10", {"schedule": "constant", "lr": 0.01}),
@@ -265,16 +267,36 @@ def _point(ax, x, row, color, label_dy=3):
     ax.annotate(f"{name} ({len(lows)})", (x, mean), textcoords="offset points", xytext=(6, label_dy), fontsize=7, color=color)
 
 
+def cpu_kind(cpu):
+    """The CPU kind a record names, in a word: the same seed differs between kinds."""
+    return next((kind for kind in ("AMD", "Xeon") if kind in cpu), cpu or "?")
+
+
+def cpu_kinds():
+    """Per candidate, the CPU kinds its records were made on, joined by '+' where several."""
+    kinds = {}
+    for r in records():
+        kinds.setdefault(r["candidate"], set()).add(cpu_kind(r.get("cpu", "")))
+    return {name: "+".join(sorted(k)) for name, k in kinds.items()}
+
+
 def report_table(reference=REFERENCE):
-    rows = report_rows()
-    ref = next((lows for name, _, lows, _, _ in rows if name == reference), {})
-    print("| candidate | params | seeds | lowest of last 3 per seed | mean | SE | paired vs " + reference + " |")
-    print("|---|---:|---|---|---:|---:|---|")
+    """Per candidate its CPU kind, seeds, mean and SE, and two pairings seed by seed, each only
+    with runs of the same CPU kind: against the reference, and against the 5,858-parameter model
+    with the recipe of the test sweeps (SAME_RECIPE_BY_CPU)."""
+    rows, kinds = report_rows(), cpu_kinds()
+    lows_of = {name: lows for name, _, lows, _, _ in rows}
+    print(f"| candidate | params | CPU | seeds | lowest of last 3 per seed | mean | SE | paired vs {reference} "
+          f"({kinds.get(reference, '?')}) | paired vs {' / '.join(SAME_RECIPE_BY_CPU.values())} (same CPU) |")
+    print("|---|---:|---|---|---|---:|---:|---|---|")
     for name, params, lows, mean, se in rows:
-        p = paired(lows, ref) if name != reference else None
-        vs = f"{p[0]:+.3f} (SE {p[1]:.3f}, {p[2]} seeds)" if p else ""
+        pairs = []
+        for ref in (reference, SAME_RECIPE_BY_CPU.get(kinds[name])):
+            p = paired(lows, lows_of.get(ref, {})) if ref != name and kinds.get(ref) == kinds[name] else None
+            pairs.append(f"{p[0]:+.3f} (SE {p[1]:.3f}, {p[2]} seeds)" if p else "")
         per_seed = " / ".join(f"{v:.2f}" for v in lows.values())
-        print(f"| {name} | {params:,} | {report.seed_list(list(lows))} | {per_seed} | {mean:.3f} | {se:.3f} | {vs} |")
+        print(f"| {name} | {params:,} | {kinds[name]} | {report.seed_list(list(lows))} | {per_seed} | {mean:.3f} "
+              f"| {se:.3f} | {pairs[0]} | {pairs[1]} |")
     if rows:
         plot_curve(rows, OUT / "size_vs_margin.png")
         print(f"\nwrote {OUT / 'size_vs_margin.png'}")

@@ -33,12 +33,29 @@ def test_every_candidate_but_the_larger_ones_is_within_6000_parameters():
         assert (common.count_params(search.Candidate(name)) <= 6_000) == (name not in larger), name
 
 
-def write_record(folder, name, seed, counts):
+def write_record(folder, name, seed, counts, cpu="Intel(R) Xeon(R) Processor"):
     """A search record of one seed whose validation counts per epoch are `counts`."""
     history = [{"epoch": e, "test_correct": c, "test_total": 10_000, "train_correct": 1, "train_total": 2,
                 "seconds": 1.0} for e, c in enumerate(counts, 1)]
     (folder / f"{name}_seed{seed}.json").write_text(json.dumps(
-        {"candidate": name, "params": common.count_params(search.Candidate(name)), "seed": seed, "history": history}))
+        {"candidate": name, "params": common.count_params(search.Candidate(name)), "seed": seed, "history": history,
+         "cpu": cpu}))
+
+
+def test_the_report_pairs_only_runs_of_one_cpu_kind(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(search, "OUT", tmp_path)
+    monkeypatch.setattr(search, "plot_curve", lambda rows, path: None)
+    for seed in (1, 2):
+        write_record(tmp_path, "U14", seed, [9_950] * 3)
+        write_record(tmp_path, "S26n", seed, [9_946] * 3)
+        write_record(tmp_path, "S26a", seed, [9_944 + seed] * 3, cpu="AMD EPYC")
+        write_record(tmp_path, "S26c", seed, [9_946 + 2 * seed] * 3, cpu="AMD EPYC")
+    search.report_table()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["S26c"][2] == "AMD" and rows["U14"][2] == "Xeon"
+    assert rows["S26c"][7] == "" and rows["S26a"][7] == ""  # an AMD run never pairs with the Xeon's U14
+    assert rows["S26c"][8] == "+0.035 (SE 0.005, 2 seeds) |"  # ...but with S26a: +0.03, +0.04
+    assert rows["S26n"][7] == "-0.040 (SE 0.000, 2 seeds)" and rows["U14"][8] == "+0.040 (SE 0.000, 2 seeds) |"
 
 
 def test_the_report_pairs_candidates_by_seed(tmp_path, monkeypatch):
