@@ -25,6 +25,7 @@ ROTATED_TEST_DEG = 15.0    # the rotated test copy: angles uniform in +-15 degre
 ROTATED_TEST_SEED = 0      # ...drawn once from this seed, the same for every step
 EVAL_BATCH = 256           # test-time batch: on the 2-core CPU 0.2 s a test pass, 1.0 s at 2,000
 CHECK_EVERY = 50           # batches between checks for a non-finite loss (each check syncs a GPU)
+CLEAN_BN_IMAGES = 40 * EVAL_BATCH  # Recipe.clean_bn measures BatchNorm's statistics on this many training images
 MNIST_FILES = {            # raw file -> (magic number, dimensions of one item)
     "train-images-idx3-ubyte": (2051, (28, 28)),
     "train-labels-idx1-ubyte": (2049, ()),
@@ -68,6 +69,7 @@ class Recipe:
     ema_decay: float = 0.0         # > 0: test and save a moving average of the weights, not the last
     label_smoothing: float = 0.0   # > 0: the loss aims at 1 - this for the true digit, the rest spread evenly
     clean_epochs: int = 0          # the last this many epochs train on the images as they are, unaugmented
+    clean_bn: bool = False         # test with BatchNorm statistics measured afresh on unaugmented training images
     precision: str = "auto"        # "bf16" autocast, "fp32", or "auto": see resolve_precision
 
     def describe(self):
@@ -81,6 +83,7 @@ class Recipe:
         extras += [f"tested on an EMA of the weights (decay {self.ema_decay:g})"] * bool(self.ema_decay)
         extras += [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing)
         extras += [f"no augmentation in the last {self.clean_epochs} epochs"] * bool(self.clean_epochs)
+        extras += ["BatchNorm statistics of the unaugmented training images"] * self.clean_bn
         return ", ".join([f"SGD momentum {self.momentum:g}", f"weight decay {self.weight_decay:g}",
                           sched, f"batch {self.batch_size}", ", ".join(aug) or "no augmentation"]
                          + extras + ["bf16 autocast" if self.precision == "bf16" else self.precision])
@@ -412,6 +415,19 @@ def confusion_matrix(predicted, labels):
     return torch.bincount(labels * 10 + predicted, minlength=100).view(10, 10).cpu()
 
 
+@torch.no_grad()
+def with_clean_bn(model, images, norm):
+    """A copy of `model` whose BatchNorm statistics are measured afresh on `images` (training
+    images as they are), averaged over chunks of EVAL_BATCH with equal weight: the running
+    statistics come from augmented batches and, in a moving average of the weights, from weights
+    other than the tested ones."""
+    model = copy.deepcopy(model)
+    mean, std = norm
+    chunks = ((images[start:start + EVAL_BATCH] - mean) / std for start in range(0, len(images), EVAL_BATCH))
+    torch.optim.swa_utils.update_bn(chunks, model)
+    return model
+
+
 def train(Net, recipe, data, seed, progress=False):
     """Train one model from scratch; after each epoch yield (tested model, epoch entry): the
     model as trained, or with recipe.ema_decay its moving average, which is what gets tested."""
@@ -436,8 +452,10 @@ def train(Net, recipe, data, seed, progress=False):
         except Diverged as e:
             raise Diverged(e.batch, e.loss, epoch) from None
         trained = time.perf_counter()
-        test_loss, test_correct = evaluate(tested, data.test_images, data.test_labels, data.norm)
-        yield tested, {"epoch": epoch, "train_loss": round(stats["loss"], 6),
+        tested_now = with_clean_bn(tested, data.train_images[:CLEAN_BN_IMAGES], data.norm) if recipe.clean_bn \
+            else tested
+        test_loss, test_correct = evaluate(tested_now, data.test_images, data.test_labels, data.norm)
+        yield tested_now, {"epoch": epoch, "train_loss": round(stats["loss"], 6),
                        "train_correct": stats["correct"], "train_total": stats["total"],
                        "test_loss": round(test_loss, 6), "test_correct": test_correct,
                        "test_total": len(data.test_labels), "lr": float(f"{stats['lr']:.6g}"),

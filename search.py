@@ -176,6 +176,10 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     # S26n still trains below its validation accuracy on augmented images: a skip around each of
     # the four middle convs, so each learns a correction to its input, at no parameter cost
     "R26n": ("R26", {"lr": 0.05, "ema_decay": 0.9995}),
+    # the moving average's BatchNorm statistics average those of the training model, measured on
+    # augmented batches with other weights: measure them afresh for the tested weights, on the
+    # training images as they are (as the test images come)
+    "S26g": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "clean_bn": True}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 

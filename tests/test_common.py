@@ -308,3 +308,15 @@ def test_a_validation_split_replaces_the_test_set_with_the_last_training_images(
     assert torch.equal(split.train_images, full.train_images[:40])
     assert torch.equal(split.test_images, full.train_images[40:]) and torch.equal(split.test_labels, full.train_labels[40:])
     assert split.stats["shape"] == [40, 28, 28]
+
+
+def test_clean_bn_measures_the_statistics_afresh_on_a_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU())
+    images = torch.rand(600, 1, 8, 8)
+    measured = common.with_clean_bn(model, images, (0.5, 0.25))
+    features = model[0]((images - 0.5) / 0.25)
+    # per chunk of EVAL_BATCH images, averaged with equal weight per chunk (update_bn's momentum None)
+    chunk_means = [features[s:s + common.EVAL_BATCH].mean((0, 2, 3)) for s in range(0, 600, common.EVAL_BATCH)]
+    assert torch.allclose(measured[1].running_mean, torch.stack(chunk_means).mean(0), atol=1e-5)
+    assert not model[1].running_mean.any() and model[1].running_var.eq(1).all()  # the original is untouched
