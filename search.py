@@ -180,6 +180,9 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     # augmented batches with other weights: measure them afresh for the tested weights, on the
     # training images as they are (as the test images come)
     "S26g": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "clean_bn": True}),
+    # weight decay alone, at half and twice 1e-4 (S26b changed it together with the batch size)
+    "S26d": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "weight_decay": 5e-5}),
+    "S26f": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "weight_decay": 2e-4}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 
