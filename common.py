@@ -456,11 +456,11 @@ def train(Net, recipe, data, seed, progress=False):
             else tested
         test_loss, test_correct = evaluate(tested_now, data.test_images, data.test_labels, data.norm)
         yield tested_now, {"epoch": epoch, "train_loss": round(stats["loss"], 6),
-                       "train_correct": stats["correct"], "train_total": stats["total"],
-                       "test_loss": round(test_loss, 6), "test_correct": test_correct,
-                       "test_total": len(data.test_labels), "lr": float(f"{stats['lr']:.6g}"),
-                       "train_seconds": round(trained - start, 2),
-                       "seconds": round(time.perf_counter() - start, 2)}
+                           "train_correct": stats["correct"], "train_total": stats["total"],
+                           "test_loss": round(test_loss, 6), "test_correct": test_correct,
+                           "test_total": len(data.test_labels), "lr": float(f"{stats['lr']:.6g}"),
+                           "train_seconds": round(trained - start, 2),
+                           "seconds": round(time.perf_counter() - start, 2)}
 
 
 def rotated_copy(images):
