@@ -248,8 +248,9 @@ def plot_curve(rows, path):
     """Left: parameters against margin, one point (mean +- SE, dots: seeds) per candidate trained
     with BASE_RECIPE (blue), with the finalist's lighter augmentation (olive), or with the best
     small one's recipe (green), the ones swept on the test set with decay 0.9995 (red), and that
-    recipe at batch 128 without weight decay (purple); right: everything
-    tried within 5% of the finalist's size. Both beside the reference's mean and the bar."""
+    recipe at batch 128 without weight decay (purple); right: everything tried within 5% of the
+    finalist's size, with the swept recipe run again on the AMD and single changes to it (brown).
+    Both beside the reference's mean and the bar."""
     plt = report._pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]}, sharey=True)
     size = next(params for name, params, *_ in rows if name == FINALIST)
@@ -261,9 +262,12 @@ def plot_curve(rows, path):
     best_recipe = {n for n in VARIANTS if recipe_of(n) == recipe_of(BEST_SMALL)}  # its recipe, other layers
     same_size = [row for row in rows if abs(row[1] - size) <= 0.05 * size]  # within 5% of the finalist's size
     batch128 = {n for n in VARIANTS if recipe_of(n).batch_size == 128}  # the ablation's lead
-    # (members, colour, shift on the left, side by side where several share a size), first match wins
+    # the test sweeps' moving average: S26a (their recipe again, on the AMD) and single changes to it
+    sweeps_recipe = {n for n in VARIANTS if recipe_of(n).ema_decay == recipe_of(TEST_SWEPT).ema_decay}
+    # (members, colour, shift on the left, side by side where several share a size; None: only on
+    # the right), first match wins
     groups = [({TEST_SWEPT, SHIPPED}, "tab:red", 120), (batch128, "tab:purple", 180),
-              (best_recipe, "tab:green", 60), (finalist_aug, "tab:olive", -60)]
+              (best_recipe, "tab:green", 60), (finalist_aug, "tab:olive", -60), (sweeps_recipe, "tab:brown", None)]
 
     def group(name, olive=True):  # the right panel shows U10's recipes in blue, like the rest
         return next(((colour, shift) for members, colour, shift in groups
@@ -273,7 +277,8 @@ def plot_curve(rows, path):
         name, params = row[:2]
         if name not in VARIANTS or any(name in members for members, _, _ in groups):
             colour, shift = group(name)
-            _point(left, params + shift, row, colour)
+            if shift is not None:
+                _point(left, params + shift, row, colour)
     for x, row in enumerate(same_size):  # labels alternate above and below, so neighbours do not overlap
         _point(right, x, row, group(row[0], olive=False)[0], label_dy=3 if x % 2 else -10)
     for ax in (left, right):
@@ -287,7 +292,8 @@ def plot_curve(rows, path):
     right.set(xlabel=f"everything tried at {min(r[1] for r in same_size):,}-{max(r[1] for r in same_size):,} parameters",
               xticks=[],
               xlim=(-0.5, len(same_size) - 0.2),
-              title=f"grey dashed: {common.BAR:.2f}\norange dotted: {REFERENCE}'s mean (shipped before {SHIPPED})")
+              title=f"grey dashed: {common.BAR:.2f}; orange dotted: {REFERENCE}'s mean (shipped before {SHIPPED})\n"
+                    f"brown: {TEST_SWEPT}'s recipe again on an AMD (S26a), single changes")
     right.title.set_fontsize(9)
     path.write_bytes(report._png(fig))
 
