@@ -72,6 +72,15 @@ class Recipe:
     clean_bn: bool = False         # test with BatchNorm statistics measured afresh on unaugmented training images
     precision: str = "auto"        # "bf16" autocast, "fp32", or "auto": see resolve_precision
 
+    @property
+    def augmented(self):
+        return bool(self.max_rotation or self.max_shift or self.max_scale)
+
+    def without_augmentation(self):
+        """The same recipe with every augmentation bound at 0 (beside `augmented`: one place to
+        name them)."""
+        return dataclasses.replace(self, max_rotation=0.0, max_shift=0.0, max_scale=0.0)
+
     def describe(self):
         warmup = f", {self.warmup:.0%} rising" * (self.warmup != 0.3)
         sched = f"one-cycle (peak lr {self.lr:g}{warmup})" if self.schedule == "onecycle" \
@@ -291,7 +300,7 @@ def batches(images, labels, norm, recipe, generator):
     (a host sync on a GPU) per batch."""
     n, size = len(images), recipe.batch_size
     order = torch.randperm(n, generator=generator).to(images.device)
-    augment = bool(recipe.max_rotation or recipe.max_shift or recipe.max_scale)
+    augment = recipe.augmented
     if augment:
         angles, shifts, scales = draw_augmentation(n, size, recipe.max_rotation, recipe.max_shift, generator,
                                                    recipe.max_scale)
@@ -441,7 +450,7 @@ def train(Net, recipe, data, seed, progress=False):
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         clean = epoch > recipe.epochs - recipe.clean_epochs  # the last epochs see the digits as the test set has them
-        epoch_recipe = dataclasses.replace(recipe, max_rotation=0.0, max_shift=0.0, max_scale=0.0) if clean else recipe
+        epoch_recipe = recipe.without_augmentation() if clean else recipe
         epoch_batches = batches(data.train_images, data.train_labels, data.norm, epoch_recipe, generator)
         if progress:
             from tqdm import tqdm

@@ -266,7 +266,7 @@ def make_block(run, history, layers, prev, why, rotated):
     s, params = summarize(history), sum(r["params"] for r in layers)
     prev_rotated = percent(prev["rotated_test"]["correct"], prev["rotated_test"]["total"]) if prev else None
     recipe = run.recipe
-    augmented = bool(recipe.max_rotation or recipe.max_shift or recipe.max_scale)
+    augmented = recipe.augmented
     facts = {"step": run.step.number, "params": params, "next": run.step.next, "augmented": augmented,
              "scheduled": recipe.schedule != "constant", "regularised": augmented or bool(recipe.dropout),
              "rotated": rotated, "prev_rotated": prev_rotated}

@@ -320,3 +320,11 @@ def test_clean_bn_measures_the_statistics_afresh_on_a_copy():
     chunk_means = [features[s:s + common.EVAL_BATCH].mean((0, 2, 3)) for s in range(0, 600, common.EVAL_BATCH)]
     assert torch.allclose(measured[1].running_mean, torch.stack(chunk_means).mean(0), atol=1e-5)
     assert not model[1].running_mean.any() and model[1].running_var.eq(1).all()  # the original is untouched
+
+
+@pytest.mark.parametrize("field", ["max_rotation", "max_shift", "max_scale"])
+def test_each_augmentation_bound_counts_and_without_augmentation_clears_it(field):
+    recipe = common.Recipe(**{field: 0.1}, lr=0.2)
+    assert recipe.augmented and not common.Recipe().augmented
+    assert not recipe.without_augmentation().augmented
+    assert recipe.without_augmentation() == common.Recipe(lr=0.2)
