@@ -55,15 +55,21 @@ def padded(a, b, c):
     return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, 10, 1)]
 
 
-def separable(c1, c2, m, split_second=False, kernel=3):
+def separable(c1, c2, m, split_second=False, kernel=3, transition=True):
     """unpadded's skeleton with its middle convs split (common.separable_block) at m channels: four 3x3,
     or two 5x5 with kernel=5 (the same RF 22 on a 4x4 map, half the 1x1s, so m can be wider), and
     no widening 1x1: the m channels reach the GAP. With split_second, the second 3x3 conv
-    (c1 -> c2, before the pool) is split too; only the first stays whole."""
+    (c1 -> c2, before the pool) is split too; only the first stays whole. Without transition, no
+    1x1 from c2 to m after the pool: the first split conv's own 1x1 widens c2 to m instead."""
     layers = [common.conv_block(1, c1)]  # built in call order: the seed gives step 3's initial weights
-    layers += [common.separable_block(c1, c2) if split_second else common.conv_block(c1, c2), nn.MaxPool2d(2),
-               common.conv_block(c2, m, kernel=1)]
-    layers += [common.separable_block(m, kernel=kernel) for _ in range(8 // (kernel - 1))]  # 12x12 -> 4x4
+    layers += [common.separable_block(c1, c2) if split_second else common.conv_block(c1, c2), nn.MaxPool2d(2)]
+    n_split = 8 // (kernel - 1)  # 12x12 -> 4x4
+    if transition:
+        layers.append(common.conv_block(c2, m, kernel=1))
+    else:
+        layers.append(common.separable_block(c2, m, kernel=kernel))
+        n_split -= 1
+    layers += [common.separable_block(m, kernel=kernel) for _ in range(n_split)]
     return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(m, 10, 1)]
 
 
@@ -103,6 +109,9 @@ CANDIDATES = {  # name -> the layers' builder and its widths
     "K32": (separable, (8, 16, 32, False, 5)),  # 5,954: two split 5x5 convs at 32 channels
     "P5": (padded, (5, 10, 10)),
     "R26": (residual, (8, 16, 26)),            # S26 with a skip around each middle conv: 5,858
+    # no 1x1 after the pool: its 468 parameters and the first split conv's 26x26 1x1 pay for 30
+    # channels (S30's width) in the other three
+    "T30": (separable, (8, 16, 30, False, 3, False)),  # 5,956
 }
 # step 4's recipe before the search; every record in logs/search was trained with it plus its
 # candidate's changes in VARIANTS (a test checks each record's recipe against recipe_of)
@@ -185,6 +194,8 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     "S26f": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "weight_decay": 2e-4}),
     # 5e-5 lost 0.05 and 2e-4 gained 0.02 (6 seeds): does more decay keep helping?
     "S26q": ("S26", {"lr": 0.05, "ema_decay": 0.9995, "weight_decay": 4e-4}),
+    # S30n's width (+0.033 over S26a on validation) at 5,956 parameters: S26n's recipe on T30
+    "T30n": ("T30", {"lr": 0.05, "ema_decay": 0.9995}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 
