@@ -199,7 +199,7 @@ def seeds_sentences(seeds):
     return [f"Across {sm['runs']} seeds ({seed_list(sm['seeds'])}) {held} {sm['runs']} held the "
             f"bar in each of their last {LAST_N} epochs; the 95% lower confidence bound on the share "
             f"of seeds that hold is {100 * sm['held_lower_95']:.0f}% (Wilson). Lowest of last {LAST_N}: "
-            f"worst {sm['worst_low']:.2f}, mean {sm['low'][0]:.2f} +- {sm['low'][1]:.2f}; final "
+            f"worst {sm['worst_low']:.2f}, mean {sm['low'][0]:.3f} +- {sm['low'][1]:.3f}; final "
             f"accuracy {sm['final'][0]:.2f} +- {sm['final'][1]:.2f} (mean +- std over seeds)."]
 
 
@@ -210,19 +210,19 @@ def ablation_sentences(ablation):
     seeds = [r["seed"] for r in full["runs"]]
     low = seed_summary(full["runs"])["low"]
     out = [f"Ablation ({len(seeds)} seeds per variant: {seed_list(seeds)}): the full recipe's lowest "
-           f"of last {LAST_N} is {low[0]:.2f} +- {low[1]:.2f} (mean +- std)."]
+           f"of last {LAST_N} is {low[0]:.3f} +- {low[1]:.3f} (mean +- std)."]
     for v in others:
         diff, se, n = paired_difference(full["runs"], v["runs"])
         if n < 2:
             judged = "one seed cannot tell a change from seed noise"
         elif abs(diff) <= GAIN_IN_SE * se:
-            judged = f"within seed noise (|{diff:+.2f}| <= {GAIN_IN_SE:g} x SE {se:.2f})"
+            judged = f"within seed noise (|{diff:+.3f}| <= {GAIN_IN_SE:g} x SE {se:.3f})"
         elif diff < 0:
-            judged = f"a real loss without it (beyond {GAIN_IN_SE:g} x SE {se:.2f}): this change earns its place"
+            judged = f"a real loss without it (beyond {GAIN_IN_SE:g} x SE {se:.3f}): this change earns its place"
         else:
-            judged = f"the variant without it did better (beyond {GAIN_IN_SE:g} x SE {se:.2f})"
+            judged = f"the variant without it did better (beyond {GAIN_IN_SE:g} x SE {se:.3f})"
         out.append(f"Without {v['name']} ({v['reverted']}): lowest of last {LAST_N} "
-                   f"{seed_summary(v['runs'])['low'][0]:.2f}, {diff:+.2f} against the full recipe; {judged}.")
+                   f"{seed_summary(v['runs'])['low'][0]:.3f}, {diff:+.3f} against the full recipe; {judged}.")
     return out
 
 
@@ -239,7 +239,7 @@ def next_sentences(s, facts, seeds=None, ablation=None):
                 "not yet a property of the recipe: the margin must grow before anything else."]
     if sm and sm["low"][0] < SEED_MARGIN:
         return [f"Next: all {sm['runs']} seeds held, but their mean lowest of last {LAST_N} "
-                f"({sm['low'][0]:.2f}) is under {SEED_MARGIN:.2f}, so a seed not yet tried can still "
+                f"({sm['low'][0]:.3f}) is under {SEED_MARGIN:.2f}, so a seed not yet tried can still "
                 "miss: the margin must grow before anything else."]
     if not s["holds_bar"] and facts["augmented"] and facts["scheduled"]:
         return ["Next: the bar is not held by this run, with augmentation and an LR schedule already "

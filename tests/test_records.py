@@ -117,4 +117,4 @@ def test_readme_quotes_the_committed_numbers():
         assert f"{s['final_test']:.2f}" in readme and f"{record['params']:,}" in readme
     seeds = report.seed_summary(json.loads((LOGS / "step4_seeds.json").read_text())["runs"])
     assert f"{seeds['held']} of {seeds['runs']}" in readme and f"{seeds['worst_low']:.2f}" in readme
-    assert f"{seeds['low'][0]:.2f} +- {seeds['low'][1]:.2f}" in readme
+    assert f"{seeds['low'][0]:.3f} +- {seeds['low'][1]:.3f}" in readme
