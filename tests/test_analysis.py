@@ -137,7 +137,7 @@ def test_ablation_difference_within_seed_noise_is_not_a_gain():
 def test_ablation_difference_beyond_twice_its_standard_error_is_credited():
     text = " ".join(analysis([99.5] * 3, [99.0] * 3, ablation=ablation_record([99.47, 99.50, 99.45],
                                                                             [99.20, 99.25, 99.21])))
-    assert "Without rotation" in text and "-0.25 against the full recipe" in text and "earns its place" in text
+    assert "Without rotation" in text and "-0.253 against the full recipe" in text and "earns its place" in text
 
 
 def test_ablation_on_one_seed_calls_nothing_a_gain():
