@@ -71,7 +71,7 @@ def test_the_report_pairs_candidates_by_seed(tmp_path, monkeypatch):
 
 def test_the_report_draws_the_curve_with_every_kind_of_candidate(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(search, "OUT", tmp_path)
-    names = [search.REFERENCE, search.FINALIST, search.BEST_SMALL, search.TEST_SWEPT, search.SHIPPED, "S26b", "S22h", "U10", "U10c", "S26a", "S26f"]  # each colour and panel
+    names = [search.REFERENCE, search.FINALIST, search.BEST_SMALL, *search.TEST_SWEPT, search.SHIPPED, "S26b", "S22h", "U10", "U10c", "S26a", "S26f"]  # each colour and panel
     for name in names:
         for seed in (1, 2):
             write_record(tmp_path, name, seed, [9_940 + seed + e for e in (1, 2, 3)])
