@@ -141,6 +141,9 @@ CANDIDATES = {  # name -> the layers' builder and its widths
     "X32": (widths_after_pool, (8, 16, (32, 32, 28, 28))),  # 5,990
     # none of those passed T30: a fifth split conv instead of 5 channels in each
     "F25": (deeper, (8, 16, 25)),                  # 5,726 (26 channels: 6,002)
+    # F25 tied T30 with 230 fewer parameters: the two skeletons at 5,000 or fewer
+    "F22": (deeper, (8, 16, 22)),                  # 4,946
+    "T25": (separable, (8, 16, 25, False, 3, False)),  # 4,826
 }
 # step 4's recipe before the search; every record in logs/search was trained with it plus its
 # candidate's changes in VARIANTS (a test checks each record's recipe against recipe_of)
@@ -237,6 +240,8 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     "F25n": ("F25", {"lr": 0.05, "ema_decay": 0.9995}),
     # 0.998 -> 0.9995 was steadier in the last 3 epochs: longer still (about 5,000 steps)
     "T30e": ("T30", {"lr": 0.05, "ema_decay": 0.9998}),
+    "F22n": ("F22", {"lr": 0.05, "ema_decay": 0.9995}),
+    "T25n": ("T25", {"lr": 0.05, "ema_decay": 0.9995}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 
