@@ -308,7 +308,8 @@ def plot_curve(rows, path):
     with BASE_RECIPE (blue), with the finalist's lighter augmentation (olive), or with the best
     small one's recipe (green), the ones swept on the test set with decay 0.9995 (red), and that
     recipe at batch 128 without weight decay (purple); right: everything tried within 5% of the
-    finalist's size, with the swept recipe run again on the AMD and single changes to it (brown).
+    finalist's size, with the swept recipe run again on the AMD and single changes to it (brown;
+    those of other sizes on the left).
     Both beside the reference's mean and the bar."""
     plt = report._pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]}, sharey=True)
@@ -336,8 +337,8 @@ def plot_curve(rows, path):
         name, params = row[:2]
         if name not in VARIANTS or any(name in members for members, _, _ in groups):
             colour, shift = group(name)
-            if shift is not None:
-                _point(left, params + shift, row, colour)
+            if shift is not None or abs(params - size) > 0.05 * size:  # brown beyond the right panel's sizes too
+                _point(left, params + (shift or 0), row, colour)
     for x, row in enumerate(same_size):  # labels alternate above and below, so neighbours do not overlap
         _point(right, x, row, group(row[0], olive=False)[0], label_dy=3 if x % 2 else -10)
     for ax in (left, right):
@@ -346,7 +347,7 @@ def plot_curve(rows, path):
     left.set(xlabel="parameters", ylabel="lowest of the last 3 (validation, %)",
              title="Size against margin (blue: the recipe before the search; olive: rotation\n"
                    f"+-5 deg, shift 1 px; green: {BEST_SMALL}'s recipe; red: {', '.join(TEST_SWEPT)}, {SHIPPED};\n"
-                   "purple: their recipe at batch 128 without weight decay)")
+                   "purple: their recipe at batch 128 without weight decay; brown: as on the right)")
     left.title.set_fontsize(9)
     right.set(xlabel=f"everything tried at {min(r[1] for r in same_size):,}-{max(r[1] for r in same_size):,} parameters",
               xticks=[],
