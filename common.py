@@ -129,11 +129,11 @@ def conv_block(c_in, c_out, kernel=3, padding=0, bn=True, dropout=0.0):
     return nn.Sequential(*layers)
 
 
-def separable_block(c_in, c_out=None, kernel=3, bn=True, dropout=0.0):
+def separable_block(c_in, c_out=None, kernel=3, padding=0, bn=True, dropout=0.0):
     """A 3x3 (or kernel x kernel) conv in two parts: the kernel within each channel (depthwise),
     then conv_block's 1x1 across channels (to c_out, default c_in); 9c + c^2 weights instead of
     9c^2, so the same budget buys about 2.5 times the channels."""
-    return nn.Sequential(nn.Conv2d(c_in, c_in, kernel, groups=c_in, bias=False),
+    return nn.Sequential(nn.Conv2d(c_in, c_in, kernel, padding=padding, groups=c_in, bias=False),
                          conv_block(c_in, c_out or c_in, kernel=1, bn=bn, dropout=dropout))
 
 
