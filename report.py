@@ -487,6 +487,14 @@ def check_seeds(record):
     check_runs(record.get("runs"))
 
 
+def check_partial(record):
+    """Raise ValueError unless an interrupted sweep's runs can be taken up again."""
+    check_seeds(record)
+    for r in record["runs"]:
+        _need(isinstance(r.get("recipe"), dict) and (r.get("variant") is None or _is(r.get("variant"), str)),
+              f"seed {r['seed']} has no recipe or variant")
+
+
 def check_ablation(record):
     """Raise ValueError unless an --ablate record holds what its readers use."""
     _need(isinstance(record, dict) and _is(record.get("params"), int), "params is not an integer")

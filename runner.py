@@ -35,7 +35,8 @@ import torch  # noqa: E402 - after the handler, which must cover the torch impor
 from common import MAX_EPOCHS, Diverged, Recipe, UserError, confusion_matrix, count_params, evaluate, \
     layer_table, load_data, make_net, percent, predict, recorded_recipe, resolve_precision, rotated_copy, \
     train, train_job  # noqa: E402
-from report import ablation_sentences, ablation_table, analyze, check_ablation, check_seeds, check_single, \
+from report import ablation_sentences, ablation_table, analyze, check_ablation, check_partial, check_seeds, \
+    check_single, \
     clean_stale, commit, epoch_line, format_block, format_confusion, format_layer_table, header_lines, \
     input_warnings, lock_log_dir, machine_name, plot_curves, plot_misclassified, plot_seeds, plot_steps, \
     previous_line, read_regular, result_lines, seed_list, seeds_sentences, seeds_table, state_bytes, summarize, \
@@ -112,7 +113,7 @@ class Run:
         with signals_held():
             backups = commit(self.staged)
             self.committed, self.staged = True, {}
-            for old in backups + [self.log_dir / f"{self.name}{s}" for s in (".partial.log", ".partial.pt")]:
+            for old in backups + [self.log_dir / f"{self.name}.partial{s}" for s in (".log", ".pt", ".json")]:
                 with contextlib.suppress(OSError):  # what is left, the next run's clean_stale removes
                     old.unlink(missing_ok=True)
 
@@ -140,6 +141,8 @@ class Run:
             said.append(f"this run so far is in {prefix}.partial.log")
         except OSError as e:
             said.append(f"the partial log could not be written ({e.strerror})")
+        if Path(f"{prefix}.partial.json").exists():
+            said.append(f"its finished runs are in {prefix}.partial.json, which the same command resumes from")
         return "; ".join(said) + "."
 
     def companion(self, mode, check):
@@ -210,6 +213,46 @@ def train_jobs(run, jobs):
             for process in running:  # end the running jobs now, not when they finish
                 process.terminate()
             raise
+
+
+def sweep_jobs(run, jobs):
+    """train_jobs for a sweep that survives a kill: each result goes at once into
+    stepN_<mode>.partial.json, and a later sweep with the same model, device, machine and threads
+    takes the runs it finds there (same variant, recipe and seed) instead of training them again."""
+    path = run.log_dir / f"{run.name}.partial.json"
+    net = make_net(run.step.Net, run.recipe)
+    here = {"params": count_params(net), "model": hashlib.sha256(repr(net).encode()).hexdigest(),
+            "device": str(run.device), "machine": machine_name(run.device), "threads": job_threads(run.args.jobs),
+            "torch": torch.__version__}
+    saved, why = usable_record(path, check_partial)
+    if why and "not found" not in why:
+        run.say(f"note: {why}; this sweep's runs replace it.")
+    differ = [k for k in here if saved and saved.get(k) != here[k]]
+    if differ:
+        run.say(f"note: {path} holds runs made with another {', '.join(differ)}; this sweep's runs replace them.")
+    saved = saved["runs"] if saved and not differ else []
+    # (variant, seed) is one job of a sweep; its recipe as JSON gives it back, so they compare
+    recipes = {(v, s): json.loads(json.dumps(dataclasses.asdict(r))) for v, r, s in jobs}
+    done = [r for r in saved if recipes.get((r["variant"], r["seed"])) == r["recipe"]]
+    if len(done) < len(saved):
+        run.say(f"note: {len(saved) - len(done)} runs in {path} are of other seeds or recipes than this "
+                f"sweep's; this sweep's runs replace them.")
+    if done:
+        run.say(f"note: {len(done)} of {len(jobs)} runs taken from {path}, left by an interrupted sweep "
+                f"with the same model, recipes, device, machine and threads", always=True)
+    for result in done:
+        yield {k: v for k, v in result.items() if k != "recipe"}
+    taken = {(r["variant"], r["seed"]) for r in done}
+    failed_to_save = False
+    for result in train_jobs(run, [(v, r, s) for v, r, s in jobs if (v, s) not in taken]):
+        done.append({**result, "recipe": recipes[(result["variant"], result["seed"])]})
+        try:
+            write_file(path, json.dumps({**here, "runs": done}))
+        except OSError as e:
+            if not failed_to_save:
+                run.say(f"note: {path} could not be written ({e.strerror}); an interrupted sweep will start over")
+            failed_to_save = True
+        yield result
 
 
 # ----------------------------------------------------------------------------- run modes
@@ -311,7 +354,7 @@ def run_seeds(run):
     """One full run per seed; a table, the seed statistics and a picture, written as one set."""
     seeds = run.args.seeds
     runs = []
-    for result in train_jobs(run, [(None, run.recipe, seed) for seed in seeds]):
+    for result in sweep_jobs(run, [(None, run.recipe, seed) for seed in seeds]):
         runs.append({k: v for k, v in result.items() if k != "variant"})
         say_job(run, result, len(runs), len(seeds))
     runs.sort(key=lambda r: seeds.index(r["seed"]))
@@ -358,7 +401,7 @@ def run_ablation(run):
     done_seeds = {r["seed"] for r in runs["full recipe"]}
     jobs = [(name, recipe, seed) for name, _, recipe in variants for seed in seeds
             if not (name == "full recipe" and seed in done_seeds)]
-    for done, result in enumerate(train_jobs(run, jobs), 1):
+    for done, result in enumerate(sweep_jobs(run, jobs), 1):
         runs[result["variant"]].append({k: v for k, v in result.items() if k != "variant"})
         say_job(run, result, done, len(jobs))
     record = sweep_record(run, "ablation", seeds=seeds, reused=sorted(done_seeds), variants=[

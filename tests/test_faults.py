@@ -174,6 +174,64 @@ def test_a_diverged_run_drops_an_older_partial_weights_file(mnist_dir, tmp_path)
     assert (logs / "step2.partial.log").exists() and not (logs / "step2.partial.pt").exists()
 
 
+# 7b. a sweep stopped part-way
+
+def stop_at_seed(monkeypatch, stop_seed):
+    """Make the sweep's job for `stop_seed` fail, as a kill would stop it there."""
+    real = runner.train_job
+
+    def train_job(variant, Net, recipe, seed, data):
+        if seed == stop_seed:
+            raise RuntimeError("stopped")
+        return real(variant, Net, recipe, seed, data)
+    monkeypatch.setattr(runner, "train_job", train_job)
+
+
+def test_a_stopped_sweep_keeps_its_finished_runs_and_the_same_command_resumes(mnist_dir, tmp_path, in_process,
+                                                                            monkeypatch, capsys):
+    sweep = [*FAST, "--seeds", "1-3", "--data-dir", mnist_dir]
+    assert in_process(STEP4, *sweep, "--log-dir", tmp_path / "whole") == 0
+    logs = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        stop_at_seed(m, 2)
+        assert in_process(STEP4, *sweep, "--log-dir", logs) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "step4_seeds.partial.json, which the same command resumes from" in line
+    kept = json.loads((logs / "step4_seeds.partial.json").read_text())
+    assert [r["seed"] for r in kept["runs"]] == [1] and not (logs / "step4_seeds.json").exists()
+    assert in_process(STEP4, *sweep, "--log-dir", logs) == 0
+    assert "1 of 3 runs taken from" in (logs / "step4_seeds.log").read_text()
+    assert not (logs / "step4_seeds.partial.json").exists()
+    resumed, whole = (json.loads((d / "step4_seeds.json").read_text())["runs"] for d in (logs, tmp_path / "whole"))
+    assert resumed[0]["history"] == kept["runs"][0]["history"]  # taken, not trained again
+    untimed = [[{k: v for k, v in h.items() if not k.endswith("seconds")} for h in r["history"]]
+               for r in resumed + whole]
+    assert untimed[:3] == untimed[3:] and [r["seed"] for r in resumed] == [1, 2, 3]
+
+
+def test_a_stopped_sweeps_runs_of_another_model_are_not_taken(mnist_dir, tmp_path, in_process, monkeypatch):
+    sweep = [*FAST, "--seeds", "1-2", "--data-dir", mnist_dir, "--log-dir", tmp_path]
+    with monkeypatch.context() as m:
+        stop_at_seed(m, 2)
+        assert in_process(STEP4, *sweep) == 1
+    partial = tmp_path / "step4_seeds.partial.json"
+    partial.write_text(partial.read_text().replace('"model": "', '"model": "0'))
+    assert in_process(STEP4, *sweep) == 0
+    log = (tmp_path / "step4_seeds.log").read_text()
+    assert "holds runs made with another model" in log and "taken from" not in log
+
+
+def test_a_resumed_sweep_takes_only_its_own_seeds_and_says_what_it_replaced(mnist_dir, tmp_path, in_process,
+                                                                           monkeypatch):
+    with monkeypatch.context() as m:
+        stop_at_seed(m, 3)
+        assert in_process(STEP4, *FAST, "--seeds", "1-3", "--data-dir", mnist_dir, "--log-dir", tmp_path) == 1
+    assert in_process(STEP4, *FAST, "--seeds", "2-3", "--data-dir", mnist_dir, "--log-dir", tmp_path) == 0
+    log = (tmp_path / "step4_seeds.log").read_text()
+    assert "1 runs in" in log and "other seeds or recipes" in log and "1 of 2 runs taken from" in log
+    assert [r["seed"] for r in json.loads((tmp_path / "step4_seeds.json").read_text())["runs"]] == [2, 3]
+
+
 # 8-10. bad data and bad numbers
 
 def test_unreadable_data_is_one_line_and_writes_nothing(mnist_dir, tmp_path, in_process, monkeypatch, capsys):
