@@ -220,22 +220,24 @@ def sweep_jobs(run, jobs):
     stepN_<mode>.partial.json, and a later sweep with the same model, device, machine and threads
     takes the runs it finds there (same variant, recipe and seed) instead of training them again."""
     path = run.log_dir / f"{run.name}.partial.json"
-    net = make_net(run.step.Net, run.recipe)
-    here = {"params": count_params(net), "model": hashlib.sha256(repr(net).encode()).hexdigest(),
-            "device": str(run.device), "machine": machine_name(run.device), "threads": job_threads(run.args.jobs),
-            "torch": torch.__version__}
+    how = sweep_record(run, None)  # what makes a run's numbers the same: the model, where and how it ran
+    here = {k: how[k] for k in ("params", "device", "machine", "threads", "torch")}
+    here["model"] = hashlib.sha256(repr(make_net(run.step.Net, run.recipe)).encode()).hexdigest()
     saved, why = usable_record(path, check_partial)
     if why and "not found" not in why:
         run.say(f"note: {why}; this sweep's runs replace it.")
     differ = [k for k in here if saved and saved.get(k) != here[k]]
     if differ:
         run.say(f"note: {path} holds runs made with another {', '.join(differ)}; this sweep's runs replace them.")
-    saved = saved["runs"] if saved and not differ else []
-    # (variant, seed) is one job of a sweep; its recipe as JSON gives it back, so they compare
-    recipes = {(v, s): json.loads(json.dumps(dataclasses.asdict(r))) for v, r, s in jobs}
-    done = [r for r in saved if recipes.get((r["variant"], r["seed"])) == r["recipe"]]
-    if len(done) < len(saved):
-        run.say(f"note: {len(saved) - len(done)} runs in {path} are of other seeds or recipes than this "
+    saved_runs = saved["runs"] if saved and not differ else []
+    recipes = {(v, s): r for v, r, s in jobs}  # (variant, seed) is one job of a sweep
+
+    def same_job(saved_run):
+        recipe = recipes.get((saved_run["variant"], saved_run["seed"]))
+        return recipe is not None and recorded_recipe(saved_run["recipe"]) == recipe
+    done = [r for r in saved_runs if same_job(r)]
+    if len(done) < len(saved_runs):
+        run.say(f"note: {len(saved_runs) - len(done)} runs in {path} are of other seeds or recipes than this "
                 f"sweep's; this sweep's runs replace them.")
     if done:
         run.say(f"note: {len(done)} of {len(jobs)} runs taken from {path}, left by an interrupted sweep "
@@ -245,7 +247,7 @@ def sweep_jobs(run, jobs):
     taken = {(r["variant"], r["seed"]) for r in done}
     failed_to_save = False
     for result in train_jobs(run, [(v, r, s) for v, r, s in jobs if (v, s) not in taken]):
-        done.append({**result, "recipe": recipes[(result["variant"], result["seed"])]})
+        done.append({**result, "recipe": dataclasses.asdict(recipes[(result["variant"], result["seed"])])})
         try:
             write_file(path, json.dumps({**here, "runs": done}))
         except OSError as e:
