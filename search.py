@@ -241,6 +241,11 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     "T30e": ("T30", {"lr": 0.05, "ema_decay": 0.9998}),
     "F22n": ("F22", {"lr": 0.05, "ema_decay": 0.9995}),
     "T25n": ("T25", {"lr": 0.05, "ema_decay": 0.9995}),
+    # batch 128 lost 0.045 (S26b): the updates are what these models lack, so twice as many at
+    # batch 32, at the same peak LR or at half of it; the moving average's decay set so it spans
+    # the same share of an epoch (0.99975 at twice the steps is 0.9995 at batch 64)
+    "S26t": ("S26", {"lr": 0.05, "ema_decay": 0.99975, "batch_size": 32}),
+    "S26u": ("S26", {"lr": 0.025, "ema_decay": 0.99975, "batch_size": 32}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
 
