@@ -565,12 +565,13 @@ def read_regular(path):
         return f.read()
 
 
-def usable_record(path, check):
-    """(record, None), or (None, why) when it is missing, unreadable or fails `check`."""
+def usable_record(path, check, missing_ok=False):
+    """(record, None), or (None, why) when it is missing, unreadable or fails `check`; with
+    missing_ok, a missing record is (None, None): nothing to say about a file never made."""
     try:
         record = json.loads(read_regular(path))
     except FileNotFoundError:
-        return None, f"The record {path} was not found"
+        return None, None if missing_ok else f"The record {path} was not found"
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep for json
         return None, f"The record {path} could not be read ({type(e).__name__})"
     try:

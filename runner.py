@@ -147,8 +147,8 @@ class Run:
 
     def companion(self, mode, check):
         """This step's seeds or ablation record, if it was made with this very recipe and model."""
-        record, why = usable_record(self.log_dir / f"step{self.step.number}_{mode}.json", check)
-        if why and "not found" not in why:
+        record, why = usable_record(self.log_dir / f"step{self.step.number}_{mode}.json", check, missing_ok=True)
+        if why:
             self.say(f"note: {why}.")
         params = count_params(make_net(self.step.Net, self.recipe))
         if record and recorded_recipe(record.get("recipe")) == self.recipe and record["params"] == params:
@@ -215,6 +215,10 @@ def train_jobs(run, jobs):
             raise
 
 
+def runs(n):
+    return f"{n} run" + "s" * (n != 1)
+
+
 def sweep_jobs(run, jobs):
     """train_jobs for a sweep that survives a kill: each result goes at once into
     stepN_<mode>.partial.json, and a later sweep with the same model, device, machine and threads
@@ -223,8 +227,8 @@ def sweep_jobs(run, jobs):
     how = sweep_record(run, None)  # what makes a run's numbers the same: the model, where and how it ran
     here = {k: how[k] for k in ("params", "device", "machine", "threads", "torch")}
     here["model"] = hashlib.sha256(repr(make_net(run.step.Net, run.recipe)).encode()).hexdigest()
-    saved, why = usable_record(path, check_partial)
-    if why and "not found" not in why:
+    saved, why = usable_record(path, check_partial, missing_ok=True)
+    if why:
         run.say(f"note: {why}; this sweep's runs replace it.")
     differ = [k for k in here if saved and saved.get(k) != here[k]]
     if differ:
@@ -237,10 +241,10 @@ def sweep_jobs(run, jobs):
         return recipe is not None and recorded_recipe(saved_run["recipe"]) == recipe
     done = [r for r in saved_runs if same_job(r)]
     if len(done) < len(saved_runs):
-        run.say(f"note: {len(saved_runs) - len(done)} runs in {path} are of other seeds or recipes than this "
+        run.say(f"note: {path} holds {runs(len(saved_runs) - len(done))} of other seeds or recipes than this "
                 f"sweep's; this sweep's runs replace them.")
     if done:
-        run.say(f"note: {len(done)} of {len(jobs)} runs taken from {path}, left by an interrupted sweep "
+        run.say(f"note: {len(done)} of {runs(len(jobs))} taken from {path}, left by an interrupted sweep "
                 f"with the same model, recipes, device, machine and threads", always=True)
     for result in done:
         yield {k: v for k, v in result.items() if k != "recipe"}

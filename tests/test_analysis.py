@@ -150,6 +150,13 @@ def test_missing_previous_record_is_said_in_the_target(tmp_path):
     assert record is None and "was not found" in report.previous_line(3, record, why)
 
 
+def test_a_record_that_may_be_missing_says_nothing_when_missing_but_still_says_when_unreadable(tmp_path):
+    assert report.usable_record(tmp_path / "step4_seeds.json", report.check_seeds, missing_ok=True) == (None, None)
+    (tmp_path / "step4_seeds.json").write_text("{not json")
+    record, why = report.usable_record(tmp_path / "step4_seeds.json", report.check_seeds, missing_ok=True)
+    assert record is None and "could not be read" in why
+
+
 def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
     plain = analysis([99.5] * 3, [99.0] * 3)[-1]
     assert "--seeds" in plain and "--ablate" in plain

@@ -228,7 +228,7 @@ def test_a_resumed_sweep_takes_only_its_own_seeds_and_says_what_it_replaced(mnis
         assert in_process(STEP4, *FAST, "--seeds", "1-3", "--data-dir", mnist_dir, "--log-dir", tmp_path) == 1
     assert in_process(STEP4, *FAST, "--seeds", "2-3", "--data-dir", mnist_dir, "--log-dir", tmp_path) == 0
     log = (tmp_path / "step4_seeds.log").read_text()
-    assert "1 runs in" in log and "other seeds or recipes" in log and "1 of 2 runs taken from" in log
+    assert "holds 1 run of other seeds or recipes" in log and "1 of 2 runs taken from" in log
     assert [r["seed"] for r in json.loads((tmp_path / "step4_seeds.json").read_text())["runs"]] == [2, 3]
 
 
