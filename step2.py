@@ -46,13 +46,13 @@ class Net(nn.Module):
             conv_block(1, 8, bn=False),        # 28 -> 26, RF 3
             conv_block(8, 16, bn=False),       # 26 -> 24, RF 5
             nn.MaxPool2d(2),                   # 24 -> 12, RF 6
-            conv_block(16, 26, kernel=1, bn=False),
-            separable_block(26, bn=False),     # 12 -> 10, RF 10
-            separable_block(26, bn=False),     # 10 -> 8, RF 14
-            separable_block(26, bn=False),     # 8 -> 6, RF 18
-            separable_block(26, bn=False),     # 6 -> 4, RF 22
-            nn.AdaptiveAvgPool2d(1),           # (N, 26, 4, 4) -> (N, 26, 1, 1)
-            nn.Conv2d(26, 10, 1),
+            conv_block(16, 30, kernel=1, bn=False),
+            separable_block(30, bn=False),     # 12 -> 10, RF 10
+            separable_block(30, bn=False),     # 10 -> 8, RF 14
+            separable_block(30, bn=False),     # 8 -> 6, RF 18
+            separable_block(30, bn=False),     # 6 -> 4, RF 22
+            nn.AdaptiveAvgPool2d(1),           # (N, 30, 4, 4) -> (N, 30, 1, 1)
+            nn.Conv2d(30, 10, 1),
             nn.Flatten(),                      # (N, 10, 1, 1) -> (N, 10)
             nn.LogSoftmax(dim=1))
         for m in self.layers[:-3].modules():  # He scale where a ReLU follows: the signal keeps its size
