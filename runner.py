@@ -215,7 +215,8 @@ def train_jobs(run, jobs):
             raise
 
 
-def runs(n):
+def runs_text(n):
+    """'1 run', '3 runs': a count for the notes (run_seeds and run_ablation keep lists named runs)."""
     return f"{n} run" + "s" * (n != 1)
 
 
@@ -241,10 +242,10 @@ def sweep_jobs(run, jobs):
         return recipe is not None and recorded_recipe(saved_run["recipe"]) == recipe
     done = [r for r in saved_runs if same_job(r)]
     if len(done) < len(saved_runs):
-        run.say(f"note: {path} holds {runs(len(saved_runs) - len(done))} of other seeds or recipes than this "
+        run.say(f"note: {path} holds {runs_text(len(saved_runs) - len(done))} of other seeds or recipes than this "
                 f"sweep's; this sweep's runs replace them.")
     if done:
-        run.say(f"note: {len(done)} of {runs(len(jobs))} taken from {path}, left by an interrupted sweep "
+        run.say(f"note: {len(done)} of {runs_text(len(jobs))} taken from {path}, left by an interrupted sweep "
                 f"with the same model, recipes, device, machine and threads", always=True)
     for result in done:
         yield {k: v for k, v in result.items() if k != "recipe"}

@@ -259,7 +259,7 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     "T25n": ("T25", {"lr": 0.05, "ema_decay": 0.9995}),
     # batch 128 lost 0.045 (S26b): the updates are what these models lack, so twice as many at
     # batch 32, at the same peak LR or at half of it; the moving average's decay set so it spans
-    # the same share of an epoch (0.99975 at twice the steps is 0.9995 at batch 64)
+    # the same two epochs (4,000 steps at 0.99975 and batch 32, as 2,000 at 0.9995 and batch 64)
     "S26t": ("S26", {"lr": 0.05, "ema_decay": 0.99975, "batch_size": 32}),
     "S26u": ("S26", {"lr": 0.025, "ema_decay": 0.99975, "batch_size": 32}),
     "A26n": ("A26", {"lr": 0.05, "ema_decay": 0.9995}),  # S26n with SiLU for ReLU
