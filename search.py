@@ -146,6 +146,8 @@ def tied(c1, c2, m, sets):
     """separable's skeleton with its four middle split convs sharing `sets` sets of weights (1: all
     four one conv; 2: the first two one, the last two another): what the four convs cost at 26
     channels buys 49 (one set) or 36 (two), the same depth and receptive field, more channels."""
+    # built in full, not from separable's layers as residual is: building and dropping its four
+    # split convs would draw other initial weights for the layers after them
     layers = [common.conv_block(1, c1), common.conv_block(c1, c2), nn.MaxPool2d(2),
               common.conv_block(c2, m, kernel=1)]
     layers += [Tied(m, 4 // sets) for _ in range(sets)]
