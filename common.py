@@ -137,6 +137,29 @@ def separable_block(c_in, c_out=None, kernel=3, padding=0, bn=True, dropout=0.0)
                          conv_block(c_in, c_out or c_in, kernel=1, bn=bn, dropout=dropout))
 
 
+class SharedSplitConv(nn.Module):
+    """One split 3x3 conv (depthwise, then 1x1 across channels) applied `uses` times in a row,
+    each use with its own BatchNorm (and dropout): the weights of one conv, the depth of `uses`;
+    without BatchNorm the 1x1 has a bias, as in conv_block.
+    The four split convs of the middle cost 4 x (9c + c^2); shared, 9c + c^2 buys 49 channels
+    for what 4 separate convs spend at 26."""
+
+    def __init__(self, channels, uses, bn=True, dropout=0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, groups=channels, bias=False)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=not bn)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(channels) if bn else nn.Identity() for _ in range(uses))
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(dropout) if dropout else None
+
+    def forward(self, x):
+        for norm in self.norms:
+            x = self.relu(norm(self.pointwise(self.depthwise(x))))
+            if self.dropout is not None:
+                x = self.dropout(x)
+        return x
+
+
 def make_net(Net, recipe):
     return Net() if recipe.dropout is None else Net(dropout=recipe.dropout)
 
@@ -504,7 +527,8 @@ def count_params(model):
 
 
 def layer_table(model, input_shape=(1, 1, 28, 28)):
-    """Per leaf layer in call order: name, output shape, parameters, receptive field.
+    """Per leaf layer call in call order: name, output shape, parameters (at its first call
+    only, so the rows add up to count_params), receptive field.
     The receptive field follows r += (k - 1) * j, j *= stride; a global pool sees everything."""
     rows = []
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: rows.append((name, m, i[0].shape, o.shape)))
@@ -518,7 +542,7 @@ def layer_table(model, input_shape=(1, 1, 28, 28)):
         for h in hooks:
             h.remove()
         model.train(was_training)
-    table, rf, jump = [], 1, 1
+    table, rf, jump, seen = [], 1, 1, set()
     for name, m, in_shape, out_shape in rows:
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             k, s, d = (_pair(getattr(m, a, 1))[0] for a in ("kernel_size", "stride", "dilation"))
@@ -527,7 +551,8 @@ def layer_table(model, input_shape=(1, 1, 28, 28)):
         elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and len(in_shape) == 4:
             rf += (in_shape[-1] - 1) * jump
         table.append({"layer": f"{name} {type(m).__name__}", "output": list(out_shape[1:]),
-                      "params": count_params(m), "rf": rf})
+                      "params": 0 if id(m) in seen else count_params(m), "rf": rf})
+        seen.add(id(m))  # a layer called again (shared weights) counts its parameters once
     return table
 
 

@@ -125,23 +125,6 @@ def smooth(c1, c2, m):
     return layers
 
 
-class Tied(nn.Module):
-    """One split 3x3 conv (depthwise, then 1x1 across channels) applied `uses` times in a row, each
-    use with its own BatchNorm: the weights of one conv, the depth of `uses`."""
-
-    def __init__(self, m, uses):
-        super().__init__()
-        self.depthwise = nn.Conv2d(m, m, 3, groups=m, bias=False)
-        self.pointwise = nn.Conv2d(m, m, 1, bias=False)
-        self.norms = nn.ModuleList(nn.BatchNorm2d(m) for _ in range(uses))
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        for norm in self.norms:
-            x = self.relu(norm(self.pointwise(self.depthwise(x))))
-        return x
-
-
 def tied(c1, c2, m, sets):
     """separable's skeleton with its four middle split convs sharing `sets` sets of weights (1: all
     four one conv; 2: the first two one, the last two another): what the four convs cost at 26
@@ -150,7 +133,7 @@ def tied(c1, c2, m, sets):
     # split convs would draw other initial weights for the layers after them
     layers = [common.conv_block(1, c1), common.conv_block(c1, c2), nn.MaxPool2d(2),
               common.conv_block(c2, m, kernel=1)]
-    layers += [Tied(m, 4 // sets) for _ in range(sets)]
+    layers += [common.SharedSplitConv(m, 4 // sets) for _ in range(sets)]
     return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(m, 10, 1)]
 
 
