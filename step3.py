@@ -1,5 +1,5 @@
-"""Step 3 - BatchNorm after every conv but the last (and the depthwise halves), a little dropout
-after the pool."""
+"""Step 3 - BatchNorm after every conv but the last (and the depthwise halves), one for each use
+of the shared conv, a little dropout after the pool."""
 from runner import Step, main  # first: it quiets Ctrl-C while torch imports
 
 import torch.nn as nn
@@ -11,11 +11,12 @@ Step 2 is within budget, but its plain convs train slowly: each layer's input sc
 ones below it learn, and only a careful start (He scale) let it train at all. Keep the channels
 and the training recipe, and:
 - add BatchNorm after every conv but the last (the 1x1 that produces the class scores) and the
-  depthwise halves of the split convs (their 1x1 halves are normalised), so each layer sees
-  normalised inputs whatever the weights' scale, and the same LR makes faster progress (a few
-  parameters more); PyTorch's default start is then enough;
-- add a little dropout (5%) after the four split convs of the second block, where the maps are
-  small: BatchNorm lets the model fit the training set much better, and this keeps it honest.
+  depthwise halves of the split conv (its 1x1 half is normalised), so each layer sees normalised
+  inputs whatever the weights' scale, and the same LR makes faster progress (a few parameters
+  more); the shared split conv gets a BatchNorm of its own at each of its four uses, since each
+  depth sees activations of another scale. PyTorch's default start is then enough;
+- add a little dropout (5%) after each of the four uses of the shared split conv, where the maps
+  are small: BatchNorm lets the model fit the training set much better, and this keeps it honest.
 Aim: a clear rise in test accuracy over step 2 at nearly the same size, with a small train-test gap.
 """
 

@@ -19,6 +19,16 @@ def test_receptive_field_of_a_known_model():
     assert sum(r["params"] for r in table) == common.count_params(model)
 
 
+def test_shared_weights_count_once_and_add_depth_per_use():
+    shared = common.SharedSplitConv(4, uses=3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), shared)
+    table = common.layer_table(model)
+    assert [r["rf"] for r in table if r["layer"].endswith("depthwise Conv2d")] == [5, 7, 9]
+    assert table[-1]["output"] == [4, 20, 20]
+    assert sum(r["params"] for r in table) == common.count_params(model) == 40 + 36 + 16 + 3 * 8
+    assert [r["params"] for r in table if "pointwise" in r["layer"]] == [16, 0, 0]
+
+
 def test_rotate_by_zero_is_identity_and_by_90_turns_the_image():
     img = torch.zeros(2, 1, 28, 28)
     img[:, :, 2:6, 10:18] = 1.0

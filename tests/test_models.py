@@ -47,9 +47,12 @@ def test_every_step_keeps_the_skeleton():
 
 
 def test_batchnorm_after_every_conv_but_the_last_and_the_depthwise_halves():
-    for step in (step3, step4):
-        convs = [m for m in step.Net().modules() if isinstance(m, nn.Conv2d)]
-        bns = [m for m in step.Net().modules() if isinstance(m, nn.BatchNorm2d)]
+    for step in (step3, step4):  # counted per call: a shared conv is a layer at each of its uses
+        model = step.Net()
+        modules = dict(model.named_modules())
+        calls = [modules[r["layer"].split()[0]] for r in common.layer_table(model)]
+        convs = [m for m in calls if isinstance(m, nn.Conv2d)]
+        bns = [m for m in calls if isinstance(m, nn.BatchNorm2d)]
         depthwise = [m for m in convs if m.groups > 1]  # each followed by its 1x1, which has one
         assert len(bns) == len(convs) - 1 - len(depthwise)
         assert convs[-1].bias is not None  # the class-score conv keeps its bias, no BatchNorm
