@@ -239,7 +239,7 @@ def next_sentences(s, facts, seeds=None, ablation=None):
                 "not yet a property of the recipe: the margin must grow before anything else."]
     if sm and sm["low"][0] < SEED_MARGIN:
         return [f"Next: all {sm['runs']} seeds held, but their mean lowest of last {LAST_N} "
-                f"({sm['low'][0]:.2f}) is under {SEED_MARGIN:.2f}, so a seed not yet tried can still "
+                f"({sm['low'][0]:.3f}) is under {SEED_MARGIN:.2f}, so a seed not yet tried can still "
                 "miss: the margin must grow before anything else."]
     if not s["holds_bar"] and facts["augmented"] and facts["scheduled"]:
         return ["Next: the bar is not held by this run, with augmentation and an LR schedule already "

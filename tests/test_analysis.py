@@ -166,6 +166,10 @@ def test_next_step_once_the_bar_is_met_depends_on_what_was_measured():
     thin = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.50]),
                     ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
     assert thin.startswith("Next: all 2 seeds held, but their mean lowest of last 3 (99.47") and "trim" not in thin
+    # a mean that rounds to the margin at two decimals is written with three, so it cannot read as "99.50 is under 99.50"
+    close = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.49, 99.50, 99.50]),
+                     ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
+    assert "(99.497) is under 99.50" in close
     one_missed = analysis([99.5] * 3, [99.0] * 3, seeds=seeds_record([99.45, 99.38]),
                           ablation=ablation_record([99.5, 99.5], [99.4, 99.4]))[-1]
     assert one_missed.startswith("Next: 1 of 2 seeds missed the bar") and "trim" not in one_missed
