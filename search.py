@@ -451,10 +451,12 @@ def cpu_kinds():
 
 
 def sweep_rows(logs=Path("logs")):
-    """Per test sweep, in TEST_SWEEPS' order: (name, params, CPU kind, {seed: lowest of the last 3},
-    seeds held, mean, SE)."""
+    """Per test sweep whose record is there, in TEST_SWEEPS' order: (name, params, CPU kind,
+    {seed: lowest of the last 3}, seeds held, mean, SE)."""
     rows = []
     for name, (path, kind) in TEST_SWEEPS.items():
+        if not (logs / path).exists():
+            continue
         record = json.loads((logs / path).read_text())
         summaries = {r["seed"]: report.summarize(r["history"]) for r in record["runs"]}
         lows = {seed: s["last_min"] for seed, s in summaries.items()}
@@ -467,7 +469,7 @@ def sweep_rows(logs=Path("logs")):
 def sweep_table(rows, reference=SHIPPED):
     """The test sweeps side by side, each paired seed by seed with the shipped model's sweep where
     both ran on one CPU kind."""
-    ref = next(row for row in rows if row[0] == reference)
+    ref = next((row for row in rows if row[0] == reference), (reference, 0, "?", {}))
     print(f"| step 4's model | params | CPU | held | worst | mean lowest of last 3 | SE | paired vs {reference} ({ref[2]}) |")
     print("|---|---:|---|---|---:|---:|---:|---|")
     for name, params, kind, lows, held, mean, se in rows:
@@ -547,6 +549,9 @@ def main():
         report_table()
         print()
         sweeps = sweep_rows()
+        if not sweeps:
+            print("no test sweep records under logs/: run search.py from the repository's root")
+            return
         sweep_table(sweeps)
         plot_sweeps(sweeps, OUT / "test_sweeps.png")
         print(f"\nwrote {OUT / 'test_sweeps.png'}")

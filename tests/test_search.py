@@ -114,3 +114,13 @@ def test_the_sweep_table_pairs_each_sweep_with_the_shipped_one_on_its_cpu_kind_o
     assert lines["U14"].endswith("|  |")  # a Xeon sweep never pairs with the AMD's
     search.plot_sweeps(rows, tmp_path / "sweeps.png")
     assert (tmp_path / "sweeps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_sweep_record_is_left_out_not_a_traceback(tmp_path, monkeypatch, capsys):
+    sweep_record(tmp_path, "small", [9_945, 9_939])
+    monkeypatch.setattr(search, "TEST_SWEEPS", {search.SHIPPED: ("gone.json", "AMD"), "U10": ("small.json", "AMD")})
+    rows = search.sweep_rows(tmp_path)
+    assert [r[0] for r in rows] == ["U10"]
+    search.sweep_table(rows)  # without the shipped sweep there is nothing to pair with
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| 0.030 |  |")
+    assert search.sweep_rows(tmp_path / "nowhere") == []
