@@ -458,11 +458,9 @@ def sweep_rows(logs=Path("logs")):
         if not (logs / path).exists():
             continue
         record = json.loads((logs / path).read_text())
-        summaries = {r["seed"]: report.summarize(r["history"]) for r in record["runs"]}
-        lows = {seed: s["last_min"] for seed, s in summaries.items()}
-        mean, std = report.mean_std(list(lows.values()))
-        held = sum(s["holds_bar"] for s in summaries.values())
-        rows.append((name, record["params"], kind, lows, held, mean, std / len(lows) ** 0.5))
+        sm = report.seed_summary(record["runs"])  # held and the mean lowest, as step4.py reports them
+        lows = {r["seed"]: report.summarize(r["history"])["last_min"] for r in record["runs"]}  # to pair by seed
+        rows.append((name, record["params"], kind, lows, sm["held"], sm["low"][0], sm["low"][1] / len(lows) ** 0.5))
     return rows
 
 
