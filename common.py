@@ -25,6 +25,7 @@ ROTATED_TEST_DEG = 15.0    # the rotated test copy: angles uniform in +-15 degre
 ROTATED_TEST_SEED = 0      # ...drawn once from this seed, the same for every step
 EVAL_BATCH = 256           # test-time batch: on the 2-core CPU 0.2 s a test pass, 1.0 s at 2,000
 CHECK_EVERY = 50           # batches between checks for a non-finite loss (each check syncs a GPU)
+WARP_GRID = 4              # Recipe.max_warp: displacements drawn on a 4x4 lattice, about 9 pixels apart
 CLEAN_BN_IMAGES = 40 * EVAL_BATCH  # Recipe.clean_bn measures BatchNorm's statistics on this many training images
 MNIST_FILES = {            # raw file -> (magic number, dimensions of one item)
     "train-images-idx3-ubyte": (2051, (28, 28)),
@@ -65,6 +66,7 @@ class Recipe:
     max_rotation: float = 0.0      # degrees; each training image gets its own angle
     max_shift: float = 0.0         # pixels; each training image gets its own shift in x and y
     max_scale: float = 0.0         # each training image drawn at its own size, 1 +- this (0.1: 90-110%)
+    max_warp: float = 0.0          # pixels; each training image also bent by its own smooth field (see warp_field)
     dropout: float | None = None   # passed to Net(dropout=...) when set
     ema_decay: float = 0.0         # > 0: test and save a moving average of the weights, not the last
     label_smoothing: float = 0.0   # > 0: the loss aims at 1 - this for the true digit, the rest spread evenly
@@ -74,12 +76,13 @@ class Recipe:
 
     @property
     def augmented(self):
-        return bool(self.max_rotation or self.max_shift or self.max_scale)
+        return bool(self.max_rotation or self.max_shift or self.max_scale or self.max_warp)
 
     def without_augmentation(self):
         """The same recipe with every augmentation bound at 0 (beside `augmented`: one place to
         name them)."""
-        return dataclasses.replace(self, max_rotation=0.0, max_shift=0.0, max_scale=0.0)
+        return dataclasses.replace(self, max_rotation=0.0, max_shift=0.0, max_scale=0.0,
+                                   max_warp=0.0)
 
     def describe(self):
         warmup = f", {self.warmup:.0%} rising" * (self.warmup != 0.3)
@@ -87,7 +90,8 @@ class Recipe:
             else f"constant lr {self.lr:g}"
         aug = [f"random rotation +-{self.max_rotation:g} deg"] * bool(self.max_rotation) \
             + [f"random shift +-{self.max_shift:g} px"] * bool(self.max_shift) \
-            + [f"random scale +-{self.max_scale:.0%}"] * bool(self.max_scale)
+            + [f"random scale +-{self.max_scale:.0%}"] * bool(self.max_scale) \
+            + [f"random elastic warp +-{self.max_warp:g} px"] * bool(self.max_warp)
         extras = [] if self.dropout is None else [f"dropout {self.dropout:g}"]
         extras += [f"tested on an EMA of the weights (decay {self.ema_decay:g})"] * bool(self.ema_decay)
         extras += [f"label smoothing {self.label_smoothing:g}"] * bool(self.label_smoothing)
@@ -257,9 +261,10 @@ def load_data(data_dir, device, download=False, validation=0):
 
 # ----------------------------------------------------------------------------- batches
 
-def affine(images, degrees, shifts, scales=None):
-    """Turn each image (N, 1, H, W) by its own angle, move it by its own (dx, dy) pixels and, with
-    `scales` (N,), draw it at its own size (2: twice as large), in one batched op; zeros fill in."""
+def affine(images, degrees, shifts, scales=None, warps=None):
+    """Turn each image (N, 1, H, W) by its own angle, move it by its own (dx, dy) pixels, with
+    `scales` (N,) draw it at its own size (2: twice as large) and with `warps` (N, 2, G, G) bend
+    it (warp_field), in one batched op; zeros fill in."""
     rad = degrees.to(images.device, images.dtype) * (math.pi / 180)
     cos, sin = rad.cos(), rad.sin()
     if scales is not None:  # the grid maps output to input pixels, so a larger digit samples a smaller area
@@ -270,7 +275,18 @@ def affine(images, degrees, shifts, scales=None):
     theta = torch.stack([torch.stack([cos, -sin, dx], 1),
                          torch.stack([sin, cos, dy], 1)], 1)            # (N, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    if warps is not None:
+        grid = grid + warp_field(warps.to(images.device, images.dtype), images.shape[-1])
     return F.grid_sample(images, grid, align_corners=False)
+
+
+def warp_field(warps, size):
+    """Elastic distortion (Simard et al., 2003) made cheaply: displacements (N, 2, G, G) in pixels
+    on a coarse G x G lattice, (dx, dy) per point, interpolated smoothly (bicubic) to every pixel
+    of a size x size image; returned as grid offsets (N, size, size, 2) in affine_grid's [-1, 1]
+    units. A coarse lattice gives a smooth field, so strokes bend rather than break."""
+    field = F.interpolate(warps * (2 / size), size=(size, size), mode="bicubic", align_corners=True)
+    return field.permute(0, 2, 3, 1)
 
 
 def uniform_symmetric(n, bound, generator):
@@ -278,11 +294,11 @@ def uniform_symmetric(n, bound, generator):
     return (torch.rand(n, generator=generator) * 2 - 1) * bound
 
 
-def draw_augmentation(n, batch_size, max_rotation, max_shift, generator, max_scale=0.0):
-    """One epoch's angles (n,), shifts (n, 2) and scales (n,) or None, drawn batch by batch
-    (shifts, angles, scales), so the stream of random numbers is the same on any device; a bound
-    of 0 draws nothing."""
-    angles, shifts, scales = [], [], []
+def draw_augmentation(n, batch_size, max_rotation, max_shift, generator, max_scale=0.0, max_warp=0.0):
+    """One epoch's angles (n,), shifts (n, 2), scales (n,) or None and warps (n, 2, WARP_GRID,
+    WARP_GRID) or None, drawn batch by batch (shifts, angles, scales, warps), so the stream of
+    random numbers is the same on any device; a bound of 0 draws nothing."""
+    angles, shifts, scales, warps = [], [], [], []
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         shifts.append(uniform_symmetric(2 * size, max_shift, generator).view(size, 2)
@@ -291,7 +307,11 @@ def draw_augmentation(n, batch_size, max_rotation, max_shift, generator, max_sca
                       if max_rotation else torch.zeros(size))
         if max_scale:
             scales.append(1 + uniform_symmetric(size, max_scale, generator))
-    return torch.cat(angles), torch.cat(shifts), torch.cat(scales) if scales else None
+        if max_warp:
+            warps.append(uniform_symmetric(size * 2 * WARP_GRID ** 2, max_warp, generator)
+                         .view(size, 2, WARP_GRID, WARP_GRID))
+    return (torch.cat(angles), torch.cat(shifts), torch.cat(scales) if scales else None,
+            torch.cat(warps) if warps else None)
 
 
 def batches(images, labels, norm, recipe, generator):
@@ -302,16 +322,13 @@ def batches(images, labels, norm, recipe, generator):
     order = torch.randperm(n, generator=generator).to(images.device)
     augment = recipe.augmented
     if augment:
-        angles, shifts, scales = draw_augmentation(n, size, recipe.max_rotation, recipe.max_shift, generator,
-                                                   recipe.max_scale)
-        angles, shifts = angles.to(images.device), shifts.to(images.device)
-        scales = None if scales is None else scales.to(images.device)
+        drawn = [None if d is None else d.to(images.device) for d in draw_augmentation(
+            n, size, recipe.max_rotation, recipe.max_shift, generator, recipe.max_scale, recipe.max_warp)]
     mean, std = norm
     for start in range(0, n, size):
         x = images[order[start:start + size]]
-        if augment:
-            x = affine(x, angles[start:start + size], shifts[start:start + size],
-                       None if scales is None else scales[start:start + size])
+        if augment:  # angles, shifts, scales, warps: this batch's share of each
+            x = affine(x, *(None if d is None else d[start:start + size] for d in drawn))
         yield (x - mean) / std, labels[order[start:start + size]]
 
 

@@ -199,26 +199,54 @@ def test_shift_moves_the_image_by_whole_pixels():
 
 
 def test_augmentation_is_drawn_batch_by_batch_in_a_fixed_order():
-    angles, shifts, scales = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5))
+    angles, shifts, scales, warps = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     expected_angles, expected_shifts = [], []
     for size in (4, 4, 2):  # per batch: shifts first, then angles
         expected_shifts.append(common.uniform_symmetric(2 * size, 2.0, g).view(size, 2))
         expected_angles.append(common.uniform_symmetric(size, 7.0, g))
     assert torch.equal(angles, torch.cat(expected_angles)) and torch.equal(shifts, torch.cat(expected_shifts))
-    assert scales is None  # no scale bound: nothing drawn, so older runs draw the same numbers
-    angles, shifts, scales = common.draw_augmentation(10, 4, 7.0, 0.0, torch.Generator().manual_seed(5))
+    assert scales is None and warps is None  # no bound: nothing drawn, so older runs draw the same numbers
+    angles, shifts, scales, warps = common.draw_augmentation(10, 4, 7.0, 0.0, torch.Generator().manual_seed(5))
     assert not shifts.any() and torch.equal(angles, common.uniform_symmetric(10, 7.0, torch.Generator().manual_seed(5)))
 
 
 def test_scales_are_drawn_last_in_each_batch_and_stay_in_bounds():
-    angles, shifts, scales = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5), 0.1)
+    angles, shifts, scales, warps = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5), 0.1)
     g = torch.Generator().manual_seed(5)
     expected = []
     for size in (4, 4, 2):  # per batch: shifts, angles, then scales
         common.uniform_symmetric(2 * size, 2.0, g), common.uniform_symmetric(size, 7.0, g)
         expected.append(1 + common.uniform_symmetric(size, 0.1, g))
     assert torch.equal(scales, torch.cat(expected)) and ((scales >= 0.9) & (scales <= 1.1)).all()
+
+
+def test_warps_are_drawn_after_scales_in_each_batch_and_stay_in_bounds():
+    *_, warps = common.draw_augmentation(10, 4, 7.0, 2.0, torch.Generator().manual_seed(5), 0.1, 1.5)
+    g = torch.Generator().manual_seed(5)
+    expected = []
+    for size in (4, 4, 2):  # per batch: shifts, angles, scales, then warps
+        common.uniform_symmetric(2 * size, 2.0, g), common.uniform_symmetric(size, 7.0, g)
+        common.uniform_symmetric(size, 0.1, g)
+        expected.append(common.uniform_symmetric(size * 2 * common.WARP_GRID ** 2, 1.5, g))
+    assert warps.shape == (10, 2, common.WARP_GRID, common.WARP_GRID)
+    assert torch.equal(warps.flatten(), torch.cat(expected)) and warps.abs().max() <= 1.5
+
+
+def test_a_flat_warp_moves_the_image_as_a_shift_and_a_bent_one_keeps_it_whole():
+    img = torch.zeros(1, 1, 28, 28)
+    img[:, :, 10:14, 8:12] = 1.0
+    flat = torch.zeros(1, 2, common.WARP_GRID, common.WARP_GRID)
+    flat[:, 0], flat[:, 1] = 2.0, -3.0  # the same (dx, dy) at every lattice point
+    warped = common.affine(img, torch.zeros(1), torch.zeros(1, 2), None, flat)
+    assert torch.allclose(warped, common.affine(img, torch.zeros(1), torch.tensor([[2.0, -3.0]])), atol=1e-5)
+    assert torch.equal(common.affine(img, torch.zeros(1), torch.zeros(1, 2), None, torch.zeros_like(flat)),
+                       common.affine(img, torch.zeros(1), torch.zeros(1, 2)))
+    bent = common.affine(img, torch.zeros(1), torch.zeros(1, 2), None,
+                         common.uniform_symmetric(2 * common.WARP_GRID ** 2, 1.5, torch.Generator().manual_seed(1))
+                         .view(1, 2, common.WARP_GRID, common.WARP_GRID))
+    assert not torch.allclose(bent, img, atol=1e-3)  # moved, yet the square's ink is mostly still there
+    assert bent.sum().item() == pytest.approx(img.sum().item(), rel=0.35)
 
 
 def test_scale_draws_a_digit_larger_or_smaller_about_the_centre():
@@ -322,7 +350,7 @@ def test_clean_bn_measures_the_statistics_afresh_on_a_copy():
     assert not model[1].running_mean.any() and model[1].running_var.eq(1).all()  # the original is untouched
 
 
-@pytest.mark.parametrize("field", ["max_rotation", "max_shift", "max_scale"])
+@pytest.mark.parametrize("field", ["max_rotation", "max_shift", "max_scale", "max_warp"])
 def test_each_augmentation_bound_counts_and_without_augmentation_clears_it(field):
     recipe = common.Recipe(**{field: 0.1}, lr=0.2)
     assert recipe.augmented and not common.Recipe().augmented
