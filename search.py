@@ -361,7 +361,8 @@ def records():
 
 
 def report_rows():
-    """Per candidate, largest first: (name, params, {seed: lowest of the last 3}, mean, SE)."""
+    """Per candidate, largest first: (name, params, {seed: lowest of the last 3}, mean, SE); the SE
+    is None for a single seed, which measures no spread."""
     by_name = {}
     for r in records():
         by_name.setdefault(r["candidate"], []).append(r)
@@ -369,7 +370,7 @@ def report_rows():
     for name, runs in sorted(by_name.items(), key=lambda kv: -kv[1][0]["params"]):
         lows = {r["seed"]: report.summarize(r["history"])["last_min"] for r in sorted(runs, key=lambda r: r["seed"])}
         mean, std = report.mean_std(list(lows.values()))
-        rows.append((name, runs[0]["params"], lows, mean, std / len(lows) ** 0.5))
+        rows.append((name, runs[0]["params"], lows, mean, std / len(lows) ** 0.5 if len(lows) > 1 else None))
     return rows
 
 
@@ -530,7 +531,7 @@ def report_table(reference=REFERENCE):
             pairs.append(f"{p[0]:+.3f} (SE {p[1]:.3f}, {p[2]} seeds)" if p else "")
         per_seed = " / ".join(f"{v:.2f}" for v in lows.values())
         print(f"| {name} | {params:,} | {kinds[name]} | {report.seed_list(list(lows))} | {per_seed} | {mean:.3f} "
-              f"| {se:.3f} | {pairs[0]} | {pairs[1]} |")
+              f"| {'-' if se is None else f'{se:.3f}'} | {pairs[0]} | {pairs[1]} |")
     if rows:
         plot_curve(rows, OUT / "size_vs_margin.png")
         print(f"\nwrote {OUT / 'size_vs_margin.png'}")

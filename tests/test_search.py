@@ -58,6 +58,19 @@ def test_the_report_pairs_only_runs_of_one_cpu_kind(tmp_path, monkeypatch, capsy
     assert rows["S26n"][7] == "-0.040 (SE 0.000, 2 seeds)" and rows["U14"][8] == "+0.040 (SE 0.000, 2 seeds) |"
 
 
+def test_a_single_seed_gets_no_standard_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(search, "OUT", tmp_path)
+    monkeypatch.setattr(search, "plot_curve", lambda rows, path: None)
+    write_record(tmp_path, "T30y", 1, [9_915] * 3, cpu="AMD EPYC")
+    for seed in (1, 2):
+        write_record(tmp_path, "T30n", seed, [9_950 + seed] * 3, cpu="AMD EPYC")
+    rows = {name: se for name, _, _, _, se in search.report_rows()}
+    assert rows["T30y"] is None and rows["T30n"] == pytest.approx(0.005)
+    search.report_table()
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| T30y |"))
+    assert line.split(" | ")[5:7] == ["99.150", "-"]  # not 0.000: one seed measures no spread
+
+
 def test_the_report_pairs_candidates_by_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "OUT", tmp_path)
     for seed, (ref, small) in enumerate([(9_945, 9_940), (9_950, 9_940), (9_948, 9_941)], 1):
