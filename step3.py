@@ -32,8 +32,7 @@ class Net(nn.Module):
             conv_block(1, 8),                      # 28 -> 26, RF 3
             conv_block(8, 16),                     # 26 -> 24, RF 5
             nn.MaxPool2d(2),                       # 24 -> 12, RF 6
-            conv_block(16, 30, kernel=1),
-            separable_block(30, dropout=dropout),  # 12 -> 10, RF 10
+            separable_block(16, 30, dropout=dropout),  # 12 -> 10, RF 10; its 1x1 widens 16 to 30
             separable_block(30, dropout=dropout),  # 10 -> 8, RF 14
             separable_block(30, dropout=dropout),  # 8 -> 6, RF 18
             separable_block(30, dropout=dropout),  # 6 -> 4, RF 22

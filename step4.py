@@ -1,5 +1,6 @@
-"""Step 4 - same model as step 3; random rotations and shifts, a one-cycle LR schedule, smaller
-batches with a little weight decay, and a moving average of the weights for testing."""
+"""Step 4 - same model as step 3; random rotations, shifts and elastic warps, a one-cycle LR
+schedule, smaller batches with a little weight decay, and a moving average of the weights for
+testing."""
 from runner import Step, main  # first: it quiets Ctrl-C while torch imports
 
 from common import Recipe
@@ -7,12 +8,18 @@ from step3 import RECIPE as STEP3_RECIPE
 from step3 import Net  # the model is step 3's, unchanged; only how it is trained changes
 
 TARGET = """
-Step 3's model is the size we keep (7,042 parameters, chosen as step 2 describes), so the
+Step 3's model is the size we keep (5,956 parameters, chosen as step 2 describes), so the
 remaining gain must come from how it is trained:
 - rotate each training image by its own random angle in +-7 degrees, and shift it by its own
   offset of up to 2 pixels in x and y: digits are written slanted and off-centre, and the test
   set has them too. Both make the train set harder than the test set, so the model cannot simply
   memorise it; both run batched on the device, costing almost no time;
+- bend each training image by its own smooth random field (displacements of up to 0.75 pixels
+  on a 4x4 lattice, interpolated to every pixel): the test set's writers are not the training
+  set's, and they shape the same digit differently. On held-out images this was 0.020 above the
+  same model without it (standard error 0.031, seeds 1-5) and 0.042 above 26 channels without
+  it (0.015); at 1.5 pixels it lost 0.023 and at 2.5 pixels 0.3: bent further than a model this
+  small can fit;
 - train with a one-cycle LR schedule (warm up to a peak of 0.05, then anneal towards zero): the
   high LR early explores, the annealed tail settles the weights. On held-out images (train on the
   first 50,000, measure on the last 10,000) a peak of 0.1 left the 26-channel model 0.033 lower,
@@ -37,11 +44,11 @@ every seed held on the test set on two CPU kinds, but the mean lowest-of-last-3 
 to 0.01 short of 99.50."""
 
 RECIPE = Recipe(lr=0.05, schedule="onecycle", batch_size=64, weight_decay=1e-4, max_rotation=7.0,
-                max_shift=2.0, dropout=0.0, ema_decay=0.9995)
+                max_shift=2.0, max_warp=0.75, dropout=0.0, ema_decay=0.9995)
 
 # This step's changes against step 3, each the recipe fields that --ablate sets back to step 3's.
 CHANGES = {name: {field: getattr(STEP3_RECIPE, field) for field in fields} for name, fields in {
-    "augmentation": ("max_rotation", "max_shift"), "LR schedule": ("schedule", "lr"),
+    "augmentation": ("max_rotation", "max_shift", "max_warp"), "LR schedule": ("schedule", "lr"),
     "batch 64 and weight decay": ("batch_size", "weight_decay"), "dropping dropout": ("dropout",),
     "weight averaging": ("ema_decay",)}.items()}
 
