@@ -141,6 +141,24 @@ def separable_block(c_in, c_out=None, kernel=3, padding=0, bn=True, dropout=0.0)
                          conv_block(c_in, c_out or c_in, kernel=1, bn=bn, dropout=dropout))
 
 
+class BlurPool(nn.Module):
+    """MaxPool2d(2) made shift-tolerant (Zhang, "Making convolutional networks shift-invariant
+    again", 2019): the max over each 2x2 window at stride 1, then a fixed [1, 2, 1] x [1, 2, 1] / 16
+    blur at stride 2. The map halves as under MaxPool2d(2), but a digit moved by one pixel moves
+    the output smoothly instead of changing which pixel wins each window. No weights: the blur is
+    a buffer. kernel_size and stride are the two together's, for layer_table's receptive field."""
+    kernel_size, stride = 4, 2
+
+    def __init__(self, channels):
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("blur", (taps[:, None] * taps[None, :] / 16).expand(channels, 1, 3, 3).clone())
+
+    def forward(self, x):
+        x = F.pad(F.max_pool2d(x, 2, stride=1), (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(x, self.blur, stride=2, groups=x.shape[1])
+
+
 def make_net(Net, recipe):
     return Net() if recipe.dropout is None else Net(dropout=recipe.dropout)
 
@@ -537,7 +555,7 @@ def layer_table(model, input_shape=(1, 1, 28, 28)):
         model.train(was_training)
     table, rf, jump = [], 1, 1
     for name, m, in_shape, out_shape in rows:
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, BlurPool)):
             k, s, d = (_pair(getattr(m, a, 1))[0] for a in ("kernel_size", "stride", "dilation"))
             rf += (k - 1) * d * jump
             jump *= s

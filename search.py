@@ -92,28 +92,11 @@ def deeper(c1, c2, m):
     return layers + [nn.AdaptiveAvgPool2d(1), nn.Conv2d(m, 10, 1)]
 
 
-class BlurPool(nn.Module):
-    """A max over each 2x2 window at stride 1, then a fixed [1, 2, 1] x [1, 2, 1] / 16 blur at
-    stride 2 (Zhang, "Making convolutional networks shift-invariant again", 2019): the 24x24 map
-    falls to 12x12 as under MaxPool2d(2), but a shift of the digit by one pixel moves the output
-    smoothly instead of changing which pixel wins each window. No weights: the blur is a buffer."""
-
-    def __init__(self, channels):
-        super().__init__()
-        taps = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("blur", (taps[:, None] * taps[None, :] / 16).expand(channels, 1, 3, 3).clone())
-        self.max = nn.MaxPool2d(2, stride=1)
-
-    def forward(self, x):
-        x = nn.functional.pad(self.max(x), (1, 1, 1, 1), mode="reflect")
-        return nn.functional.conv2d(x, self.blur, stride=2, groups=x.shape[1])
-
-
 def blurred(c1, c2, m):
     """T30's skeleton (separable without the transition) with BlurPool for its max-pool: the same
     parameters and the same initial weights for a seed."""
     layers = separable(c1, c2, m, transition=False)
-    return [BlurPool(c2) if isinstance(layer, nn.MaxPool2d) else layer for layer in layers]
+    return [common.BlurPool(c2) if isinstance(layer, nn.MaxPool2d) else layer for layer in layers]
 
 
 class Residual(nn.Module):
