@@ -93,18 +93,20 @@ def test_step4_run_and_seed_1_of_the_sweep_are_one_computation():
     assert [e["test_correct"] for e in record["history"]] == [e["test_correct"] for e in seed1["history"]]
 
 
-def test_seed_record_covers_twenty_seeds_of_the_committed_recipe():
+def test_seed_record_covers_twenty_seeds_of_the_committed_model_and_recipe():
     record = json.loads((LOGS / "step4_seeds.json").read_text())
     import step4
     assert common.recorded_recipe(record["recipe"]) == committed_recipe(step4.RECIPE, record)
+    assert record["params"] == common.count_params(common.make_net(step4.Net, step4.RECIPE))
     assert [r["seed"] for r in record["runs"]] == list(range(1, 21))
     assert all(len(r["history"]) == 15 for r in record["runs"])
 
 
-def test_ablation_record_has_three_seeds_per_declared_change():
+def test_ablation_record_is_of_the_committed_model_with_three_seeds_per_declared_change():
     record = json.loads((LOGS / "step4_ablation.json").read_text())
     import step4
     assert common.recorded_recipe(record["recipe"]) == committed_recipe(step4.RECIPE, record)
+    assert record["params"] == common.count_params(common.make_net(step4.Net, step4.RECIPE))
     assert [v["name"] for v in record["variants"]] == ["full recipe"] + list(step4.CHANGES)
     assert all(len(v["runs"]) >= 3 for v in record["variants"])
 
