@@ -10,10 +10,11 @@ TARGET = """
 Get the whole pipeline right before the model: read MNIST, measure its statistics (the
 normalisation comes from them), iterate shuffled batches, train and test every epoch, log it.
 Fix the skeleton that later steps keep: two 3x3 convs (RF 5, where strokes and edges show on
-28x28 digits), a transition (a shift-tolerant max-pool, then a 1x1 conv), four unpadded 3x3 convs
-that shrink the 12x12 map to 4x4 (RF 24: a digit's 20x20 box, so the last layer sees whole digits), an
-output block. Make it heavy on purpose (a 4x4 kernel of 480 channels over the last 4x4 map, about
-285K weights) to see the ceiling of this skeleton and how far it overfits, with no BatchNorm, no
+28x28 digits), a transition (a pool that tolerates shifts: the max over each 2x2 window at stride
+1, then a fixed blur at stride 2; then a 1x1 conv), four unpadded 3x3 convs that shrink the 12x12
+map to 4x4 (RF 24: a digit's 20x20 box, so the last layer sees whole digits), an output block.
+Make it heavy on purpose (a 4x4 kernel of 480 channels over the last 4x4 map, about 285K
+weights) to see the ceiling of this skeleton and how far it overfits, with no BatchNorm, no
 augmentation and a constant LR.
 """
 
