@@ -356,3 +356,26 @@ def test_each_augmentation_bound_counts_and_without_augmentation_clears_it(field
     assert recipe.augmented and not common.Recipe().augmented
     assert not recipe.without_augmentation().augmented
     assert recipe.without_augmentation() == common.Recipe(lr=0.2)
+
+
+def test_blur_pool_halves_the_map_without_weights_and_keeps_a_flat_map_flat():
+    pool = common.BlurPool(3)
+    x = torch.rand(2, 3, 24, 24)
+    assert pool(x).shape == nn.MaxPool2d(2)(x).shape == (2, 3, 12, 12)
+    assert common.count_params(pool) == 0
+    flat = torch.full((1, 3, 24, 24), 0.7)
+    assert torch.allclose(pool(flat), torch.full((1, 3, 12, 12), 0.7))  # the blur's taps sum to 1
+
+
+def test_blur_pool_moves_less_than_a_max_pool_when_the_input_moves_by_one_pixel():
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 25, 25)
+    here, moved = x[..., :24, :24], x[..., 1:, 1:]  # the same content, one pixel apart
+    def change(pool):
+        return (pool(here) - pool(moved)).abs().mean()
+    assert change(common.BlurPool(1)) < change(nn.MaxPool2d(2))
+
+
+def test_layer_table_counts_the_blur_pool_as_a_4x4_window_at_stride_2():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), common.BlurPool(2), nn.Conv2d(2, 2, 3))
+    assert [row["rf"] for row in common.layer_table(model)] == [3, 6, 10]
