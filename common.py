@@ -152,7 +152,7 @@ class BlurPool(nn.Module):
     def __init__(self, channels):
         super().__init__()
         taps = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("blur", (taps[:, None] * taps[None, :] / 16).expand(channels, 1, 3, 3).clone())
+        self.register_buffer("blur", (torch.outer(taps, taps) / 16).expand(channels, 1, 3, 3).clone())
 
     def forward(self, x):
         x = F.pad(F.max_pool2d(x, 2, stride=1), (1, 1, 1, 1), mode="reflect")
