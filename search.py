@@ -213,7 +213,7 @@ SHIPPED = "B30n"          # what steps 3 and 4 ship: step 3's Net trained with s
 # before B30n, held 20 of 20 at 99.503
 TEST_SWEPT = ("S26n", "T30n", "F25n", "S26t", "L49n", "T30w", "S30n")
 FINALIST = "U10l"         # the closest of full 3x3 convs at 6,000 parameters or fewer; its 20-seed test sweep held 14 of 20
-BEST_SMALL = "S26h"       # the closest at 6,000 or fewer: its test sweep held 20 of 20, mean lowest-of-last-3 99.49 (99.50 needed)
+BEST_SMALL = "S26h"       # the first split convs at 6,000 or fewer, whose recipe (one-cycle peak 0.05) the later ones kept
 # the 5,858-parameter split convs with the test sweeps' recipe, made on each CPU kind, to pair with
 SAME_RECIPE_BY_CPU = {"Xeon": "S26n", "AMD": "S26a"}
 # the 20-seed test sweeps of step 4 (python step4.py --seeds 1-20): candidate -> (record under logs/, its
@@ -446,8 +446,8 @@ def plot_curve(rows, path):
     left.set(xlabel="parameters", ylabel="lowest of the last 3 (validation, %)",
              title="Size against margin (blue: the recipe before the search; olive: rotation\n"
                    f"+-5 deg, shift 1 px; green: {BEST_SMALL}'s recipe; red: swept on the test set,\n"
-                   f"{', '.join(TEST_SWEPT)}, {SHIPPED}; purple: their recipe at batch 128\n"
-                   "without weight decay; brown: as on the right)")
+                   f"{', '.join(TEST_SWEPT)}, {SHIPPED};\n"
+                   "purple: their recipe at batch 128 without weight decay; brown: as on the right)")
     left.title.set_fontsize(9)
     right.set(xlabel=f"everything tried at {min(r[1] for r in same_size):,}-{max(r[1] for r in same_size):,} parameters",
               xticks=[],
