@@ -342,7 +342,8 @@ VARIANTS = {  # name -> (the candidate whose layers it trains, its changes to BA
     # Seeds 1-6: +0.022 against T30n (standard error 0.012, higher on 4, lower on 2), training at
     # 99.39-99.47% on augmented batches where T30n trains at 99.32-99.39%
     "B30n": ("B30", {"lr": 0.05, "ema_decay": 0.9995}),
-    # B30n held 20 of 20 test seeds at a mean of 99.522: the same pool at 25 channels, paired with T25n
+    # B30n held 20 of 20 test seeds at a mean of 99.522: the same pool at 25 channels, paired with T25n.
+    # Seeds 1-4: -0.003 against T25n, a tie: at 4,826 parameters the pool does not lift the margin
     "B25n": ("B25", {"lr": 0.05, "ema_decay": 0.9995}),
 }
 CANDIDATES.update({name: CANDIDATES[layers] for name, (layers, _) in VARIANTS.items()})
